@@ -1,0 +1,1212 @@
+"""Directional Textual Inversion (DTI): the method and the tools shared by both training scripts.
+
+DTI (Kim et al., arXiv 2512.13672) writes every learned token embedding as e = m * v with ||v|| = 1.
+The magnitude m is fixed at an in-distribution value (a statistic of the encoder's own vocabulary norms);
+only the direction v is trained, by Riemannian SGD on the unit sphere with a von Mises-Fisher prior
+centred on the initializer's direction.
+
+Public surface, top to bottom:
+- sphere geometry: `project_to_tangent`, `retract`, `sphere_angle`, `slerp`
+- `RiemannianSGD`: the optimizer (a `torch.optim.Optimizer`)
+- tokens and vectors: `vocabulary_norm_stats`, `resolve_token_scale`, `add_placeholder_tokens`, `LearnedVectors`
+- files: `save_embedding_file`, `load_embedding_file`
+- data: `load_training_images`, `TrainingData`, the prompt templates
+- training: `add_training_args`, `check_args`, `DTITrainer` (loop, checkpoints, resume, signals, validation)
+- sharing: `write_model_card`, `push_output_to_hub`
+"""
+
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger("dti")
+
+__version__ = "0.1.0"
+
+
+class DTIError(Exception):
+    """A user-facing error: one sentence that names the flag or file and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sphere geometry (rows are points on the unit sphere S^{d-1})
+# ----------------------------------------------------------------------------------------------------
+
+
+def project_to_tangent(x, u):
+    """Project u onto the tangent space of the sphere at x, row by row: u - <u, x> x."""
+    return u - (u * x).sum(-1, keepdim=True) * x
+
+
+def retract(x, eps=1e-12):
+    """Map x back onto the unit sphere by normalization, row by row."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def sphere_angle(a, b):
+    """Angle in radians between the rows of a and b (any norms)."""
+    cos = (retract(a) * retract(b)).sum(-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0))
+
+
+def slerp(a, b, t, eps=1e-6):
+    """Spherical interpolation between unit rows a and b at fraction t (0 gives a, 1 gives b).
+
+    Falls back to normalized linear interpolation when the angle is tiny, where sin(W) vanishes.
+    """
+    a, b = retract(a.float()), retract(b.float())
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1.0, 1.0))
+    sin_omega = torch.sin(omega)
+    small = sin_omega < eps
+    safe = torch.where(small, torch.ones_like(sin_omega), sin_omega)
+    out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / safe
+    lerp = (1 - t) * a + t * b
+    return retract(torch.where(small, lerp, out))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------------
+
+
+class RiemannianSGD(torch.optim.Optimizer):
+    """Riemannian SGD on unit rows with a von Mises-Fisher prior (the DTI update).
+
+    For each row v of each parameter:
+        g = grad - kappa * mu                 (the vMF prior exp(kappa mu^T v) adds -kappa mu)
+        g = g - <g, v> v                      (tangent projection)
+        s = beta s + (1 - beta) ||g||^2 ; g = g / (sqrt(s / (1 - beta^t)) + eps)
+        v = (v - lr g) / ||v - lr g||         (retraction)
+    With beta = 0 every row moves by an angle of about lr radians per step, whatever the gradient's size.
+
+    The prior direction mu of a parameter defaults to its direction at construction (mu = v0). Parameters
+    must hold unit rows. A step whose gradient is not finite leaves the parameter and its state unchanged,
+    decided on the device without a host sync. State is float32 whatever the parameter's dtype.
+    """
+
+    def __init__(self, params, lr=0.01, kappa=1e-4, beta=0.0, eps=1e-8):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if kappa < 0:
+            raise ValueError(f"Invalid kappa: {kappa}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
+        super().__init__(params, dict(lr=lr, kappa=kappa, beta=beta, eps=eps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p):
+        state = self.state[p]
+        if "prior" not in state:
+            state["prior"] = retract(p.detach().float()).clone()
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape[:-1] + (1,), dtype=torch.float32, device=p.device)
+
+    def set_prior(self, p, mu):
+        """Use mu (rows, any norm) as the prior direction of parameter p instead of its initial value."""
+        self.state[p]["prior"] = retract(mu.detach().float().to(p.device)).clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, kappa, beta, eps = group["lr"], group["kappa"], group["beta"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                v = p.float()
+                g = p.grad.float()
+                if kappa:
+                    g = g - kappa * state["prior"]
+                g = project_to_tangent(v, g)
+                finite = torch.isfinite(g).all()
+                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+                sq = (g * g).sum(-1, keepdim=True)
+                step = state["step"] + finite.float()
+                if beta > 0:
+                    exp_avg_sq = torch.where(finite, beta * state["exp_avg_sq"] + (1 - beta) * sq, state["exp_avg_sq"])
+                    state["exp_avg_sq"].copy_(exp_avg_sq)
+                    sq = exp_avg_sq / (1 - torch.pow(beta, step.clamp_min(1)))
+                update = retract(v - lr * g / (sq.sqrt() + eps))
+                p.copy_(torch.where(finite, update, v).to(p.dtype))
+                state["step"].copy_(step)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokens and learned vectors
+# ----------------------------------------------------------------------------------------------------
+
+
+def vocabulary_norm_stats(weight):
+    """Mean, min and max L2 norm over the non-zero rows of an embedding matrix."""
+    norms = weight.detach().float().norm(dim=-1)
+    norms = norms[norms > 0]
+    return {"mean": norms.mean().item(), "min": norms.min().item(), "max": norms.max().item()}
+
+
+def resolve_token_scale(token_scale, stats):
+    """The fixed norm m: 'mean', 'min', 'max' of the vocabulary, or a positive float given as text."""
+    if token_scale in ("mean", "min", "max"):
+        return stats[token_scale]
+    try:
+        value = float(token_scale)
+    except (TypeError, ValueError):
+        raise DTIError(f"--token_scale must be mean, min, max or a positive number, not {token_scale!r}.")
+    if not value > 0 or not math.isfinite(value):
+        raise DTIError(f"--token_scale must be a positive number, not {token_scale!r}.")
+    return value
+
+
+def placeholder_token_list(placeholder_token, num_vectors):
+    """tok, tok_1, ..., tok_{n-1}: the names diffusers' load_textual_inversion expands a token to."""
+    return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+def resolve_tokens(tokenizer, placeholder_token, initializer_token, num_vectors=None):
+    """Check the concept flags against a tokenizer; return (placeholder tokens, initializer ids).
+
+    A multi-token initializer gives one vector per token; a one-token initializer with --num_vectors N is
+    copied N times. Nothing is added to the tokenizer here, so this can run before any model loads.
+    """
+    if not placeholder_token or not placeholder_token.strip():
+        raise DTIError("--placeholder_token is empty; pass a new word such as '<my-concept>'.")
+    if any(c.isspace() for c in placeholder_token):
+        raise DTIError(f"--placeholder_token {placeholder_token!r} contains white space; use a single word such as '<my-concept>'.")
+    if not initializer_token or not initializer_token.strip():
+        raise DTIError("--initializer_token is empty; pass a word close to the concept, such as 'toy'.")
+    init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if not init_ids:
+        raise DTIError(f"--initializer_token {initializer_token!r} tokenizes to nothing; pass a real word such as 'toy'.")
+    if num_vectors is None:
+        num_vectors = len(init_ids)
+    if num_vectors < 1:
+        raise DTIError(f"--num_vectors must be at least 1, not {num_vectors}.")
+    if len(init_ids) == 1:
+        init_ids = init_ids * num_vectors
+    elif len(init_ids) != num_vectors:
+        raise DTIError(
+            f"--initializer_token {initializer_token!r} tokenizes to {len(init_ids)} tokens, which gives "
+            f"{len(init_ids)} vectors, but --num_vectors is {num_vectors}; drop --num_vectors or use a one-token initializer."
+        )
+    tokens = placeholder_token_list(placeholder_token, num_vectors)
+    vocab = tokenizer.get_vocab()
+    for token in tokens:
+        if token in vocab or f"{token}</w>" in vocab:
+            raise DTIError(f"--placeholder_token {token!r} is already in the tokenizer's vocabulary; choose a new word such as '<{token.strip('<>')}-dti>'.")
+    return tokens, init_ids
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, tokens):
+    """Add the tokens to the tokenizer and grow the encoder's embedding; return their ids."""
+    added = tokenizer.add_tokens(tokens)
+    if added != len(tokens):
+        raise DTIError(f"The tokenizer already knows one of {tokens}; choose a new --placeholder_token.")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+class LearnedVectors:
+    """The trainable vectors of one text encoder, spliced into its input embedding by a forward hook.
+
+    The embedding matrix itself stays frozen: only `param` is a trainable leaf, so there is no dense
+    gradient or optimizer state for the vocabulary, and every other row stays bit-identical.
+    mode 'dti': param holds unit directions v and the vectors are norm * v (norm fixed).
+    mode 'ti':  param holds the unconstrained embedding e (classic textual inversion).
+    """
+
+    def __init__(self, text_encoder, tokens, token_ids, init_ids, original_vocab_size, mode="dti", norm=None,
+                 name="text_encoder", file_stem="learned_embeds"):
+        self.text_encoder = text_encoder
+        self.embedding = text_encoder.get_input_embeddings()
+        self.name = name
+        self.file_stem = file_stem
+        self.mode = mode
+        self.tokens = list(tokens)
+        self.token_ids = list(token_ids)
+        self.original_vocab_size = original_vocab_size
+        weight = self.embedding.weight
+        device = weight.device
+        self.init_vectors = weight.detach()[list(init_ids)].float().clone()
+        self.norm = float(norm) if norm is not None else None
+        start = retract(self.init_vectors) if mode == "dti" else self.init_vectors
+        self.param = torch.nn.Parameter(start.clone().to(device))
+        # Vocabulary id -> row of `param` (or -1): one gather per forward, no host work.
+        self._row_of_id = torch.full((weight.shape[0],), -1, dtype=torch.long, device=device)
+        self._row_of_id[torch.tensor(self.token_ids, device=device)] = torch.arange(len(self.token_ids), device=device)
+        self._hook = self.embedding.register_forward_hook(self._splice)
+
+    def vectors(self):
+        """The embeddings the encoder sees for the placeholder tokens, float32 (n, dim), differentiable."""
+        return self.norm * self.param if self.mode == "dti" else self.param
+
+    def _splice(self, module, args, output):
+        rows = self._row_of_id[args[0]]
+        vecs = self.vectors().to(output.dtype)[rows.clamp_min(0)]
+        return torch.where((rows >= 0).unsqueeze(-1), vecs, output)
+
+    def to(self, device):
+        self._row_of_id = self._row_of_id.to(device)
+        self.param.data = self.param.data.to(device)
+        self.init_vectors = self.init_vectors.to(device)
+        return self
+
+    @torch.no_grad()
+    def write_to_encoder(self):
+        """Copy the vectors into the embedding rows, so the encoder works without the hook (saving pipelines)."""
+        self.embedding.weight[self.token_ids] = self.vectors().to(self.embedding.weight.dtype)
+
+    def remove_hook(self):
+        self.write_to_encoder()
+        self._hook.remove()
+
+    @torch.no_grad()
+    def stats(self):
+        """Device tensors (no sync): mean norm and mean angle (radians) from the initializer."""
+        vecs = self.vectors().float()
+        return vecs.norm(dim=-1).mean(), sphere_angle(vecs, self.init_vectors).mean()
+
+    @torch.no_grad()
+    def nearest_tokens(self, tokenizer, k=5):
+        """The k vocabulary tokens nearest each vector by cosine (the original vocabulary only)."""
+        vocab = self.embedding.weight[: self.original_vocab_size].float()
+        sims = retract(self.vectors().float()) @ retract(vocab).T
+        top = sims.topk(k, dim=-1).indices.tolist()
+        return [[tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in row] for row in top]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding files
+# ----------------------------------------------------------------------------------------------------
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_embedding_file(path, tensors, metadata=None):
+    """Save {key: float32 tensor} atomically: safetensors (with string metadata) or, for .bin/.pt, torch.save."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    return path
+
+
+def load_embedding_file(path):
+    """Read an embedding file without unpickling arbitrary objects: returns (tensors dict, metadata dict)."""
+    if not os.path.isfile(path):
+        raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if path.endswith((".pt", ".bin")):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DTIError(f"{path} is not a plain tensor file ({type(e).__name__}); only weights-only .pt/.bin files are read, arbitrary pickles are refused.")
+        return data, {}
+    raise DTIError(f"{path} is not an embedding file; use .safetensors, .pt or .bin.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+imagenet_templates_small = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+]
+
+imagenet_style_templates_small = [
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+]
+
+
+def prompt_templates(learnable_property):
+    return imagenet_style_templates_small if learnable_property == "style" else imagenet_templates_small
+
+
+def _open_rgb(image, name):
+    """EXIF orientation applied, palette/RGBA/greyscale to RGB (transparency composited on white)."""
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DTIError(f"Image {name} is corrupt or truncated ({e}); remove or replace it.")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_name=None, image_column="image", cache_dir=None):
+    """The training images as RGB PIL images, from a folder or a `datasets` dataset (Hub id or local folder)."""
+    if dataset_name:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        except Exception as e:
+            raise DTIError(f"--dataset_name {dataset_name!r} could not be loaded ({type(e).__name__}: {e}).")
+        if image_column not in ds.column_names:
+            raise DTIError(f"--image_column {image_column!r} is not a column of {dataset_name!r}; its columns are {ds.column_names}.")
+        images = []
+        for i, item in enumerate(ds[image_column]):
+            if not isinstance(item, Image.Image):
+                raise DTIError(f"Row {i} of column {image_column!r} in {dataset_name!r} is not an image; pass the image column with --image_column.")
+            images.append(_open_rgb(item, f"row {i} of {dataset_name}"))
+        if not images:
+            raise DTIError(f"--dataset_name {dataset_name!r} has no images in its train split.")
+        return images
+
+    if not train_data_dir:
+        raise DTIError("No training images: pass --train_data_dir FOLDER or --dataset_name.")
+    if not os.path.isdir(train_data_dir):
+        raise DTIError(f"--train_data_dir {train_data_dir} is not a folder; pass the folder that holds your images.")
+    names = sorted(n for n in os.listdir(train_data_dir) if not n.startswith(".") and os.path.isfile(os.path.join(train_data_dir, n)))
+    image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    skipped = [n for n in names if n not in image_names]
+    if skipped:
+        logger.warning(f"Skipping {len(skipped)} file(s) in {train_data_dir} that are not images: {', '.join(skipped)}")
+    if not image_names:
+        raise DTIError(f"--train_data_dir {train_data_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); put the concept's pictures there.")
+    images = []
+    for name in image_names:
+        path = os.path.join(train_data_dir, name)
+        try:
+            image = Image.open(path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DTIError(f"Image {path} cannot be read ({e}); remove or replace it.")
+        images.append(_open_rgb(image, path))
+    return images
+
+
+def image_to_tensor(image):
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def square_view(image, resolution, center_crop=False):
+    """diffusers' textual-inversion view: optional centre square crop, then a bicubic resize to a square."""
+    if center_crop:
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
+
+
+class TrainingData:
+    """What the loop samples from: cached VAE latent distributions of every view and pre-tokenized prompts.
+
+    Images never change, so each distinct view (an image, and its mirror when flipping) is encoded once;
+    a step draws a latent from the cached mean and std, which has the distribution of encoding anew.
+    The order is a function of (seed, epoch) and the noise a function of (seed, step, rank), so the data
+    position is the step count and resuming continues exactly.
+    """
+
+    def __init__(self, views, latent_means, latent_stds, prompt_ids, num_images, repeats, flip_p, seed, extra=None):
+        self.views = views  # number of views per image (1 or 2)
+        self.latent_means = latent_means  # (num_images * views, C, h, w)
+        self.latent_stds = latent_stds
+        self.prompt_ids = prompt_ids  # list of (num_templates, L) tensors, one per tokenizer
+        self.num_images = num_images
+        self.length = num_images * repeats
+        self.flip_p = flip_p
+        self.seed = seed
+        self.extra = extra or {}  # per-view tensors (e.g. SDXL time ids), indexed like the latents
+        self._epoch_cache = {}
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, images_as_views, vae, tokenizers, placeholder_string, learnable_property, repeats, flip_p, seed, device, batch_size=4, extra=None):
+        """images_as_views: per image a list of view tensors (3, H, W) in [-1, 1] (the mirror second)."""
+        views = len(images_as_views[0])
+        pixels = torch.stack([v for per_image in images_as_views for v in per_image])
+        means, stds = [], []
+        for chunk in pixels.split(batch_size):
+            dist = vae.encode(chunk.to(device, dtype=vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        texts = [t.format(placeholder_string) for t in prompt_templates(learnable_property)]
+        prompt_ids = [
+            tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
+            for tok in tokenizers
+        ]
+        return cls(views, torch.cat(means), torch.cat(stds), prompt_ids, len(images_as_views), repeats, flip_p, seed, extra)
+
+    def steps_per_epoch(self, batch_size, num_processes):
+        return math.ceil(self.length / (batch_size * num_processes))
+
+    def _epoch(self, epoch):
+        if epoch not in self._epoch_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.length, generator=g)
+            flips = torch.rand(self.length, generator=g) < self.flip_p
+            templates = torch.randint(0, self.prompt_ids[0].shape[0], (self.length,), generator=g)
+            self._epoch_cache = {epoch: (order, flips, templates)}
+        return self._epoch_cache[epoch]
+
+    def batch(self, micro_step, batch_size, num_processes, rank):
+        """The micro-batch of this rank at global micro-step `micro_step`: dict of device tensors."""
+        per_epoch = self.steps_per_epoch(batch_size, num_processes)
+        epoch, index = divmod(micro_step, per_epoch)
+        order, flips, templates = self._epoch(epoch)
+        span = batch_size * num_processes
+        picked = order[index * span : (index + 1) * span]
+        if len(picked) < num_processes:  # every rank needs at least one sample
+            picked = torch.cat([picked, order[: num_processes - len(picked)]])
+        picked = picked[rank::num_processes]
+        image = picked % self.num_images
+        view = image * self.views + (flips[picked].long() if self.views > 1 else 0)
+        device = self.latent_means.device
+        view = view.to(device)
+        template = templates[picked].to(device)
+        out = {
+            "mean": self.latent_means[view],
+            "std": self.latent_stds[view],
+            "input_ids": [ids[template] for ids in self.prompt_ids],
+        }
+        for key, value in self.extra.items():
+            out[key] = value[view]
+        return out
+
+
+def step_generator(seed, micro_step, rank, device):
+    """A generator whose stream depends only on (seed, step, rank): noise needs no saved RNG state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 6364136223846793005 + micro_step * 1442695040888963407 + rank * 2654435761) % (2**63))
+    return g
+
+
+def diffusion_loss(unet, noise_scheduler, batch, encoder_hidden_states, generator, scaling_factor, weight_dtype, shift_factor=None, added_cond_kwargs=None):
+    """The denoising loss of one micro-batch: sample the cached latent, add noise, predict, MSE."""
+    mean, std = batch["mean"], batch["std"]
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    latents = latents * scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype), added_cond_kwargs=added_cond_kwargs).sample
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise DTIError(f"Unknown prediction type {noise_scheduler.config.prediction_type} in the model's scheduler config.")
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line shared by both scripts
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_training_args(parser, default_model, default_resolution, default_flip_p):
+    """The flags of diffusers' textual-inversion examples (same names and meanings) plus DTI's own."""
+    dti = parser.add_argument_group("Directional Textual Inversion")
+    dti.add_argument("--optimizer", choices=["rsgd", "adamw"], default="rsgd",
+                     help="rsgd: DTI (fixed norm, Riemannian SGD on the direction). adamw: classic textual inversion "
+                          "(unconstrained embedding, AdamW), for comparing TI and DTI with one script.")
+    dti.add_argument("--kappa", type=float, default=1e-4,
+                     help="Concentration of the von Mises-Fisher prior around the initializer's direction; 0 disables it.")
+    dti.add_argument("--token_scale", default="mean",
+                     help="The fixed norm m of the learned vectors: mean, min or max of the encoder's vocabulary norms, or a number.")
+    dti.add_argument("--rsgd_beta", type=float, default=0.0,
+                     help="Decay of the running mean of squared tangent-gradient norms that divides the step. "
+                          "0 (default) gives unit tangent steps: each step turns every vector by about the learning rate in radians.")
+    dti.add_argument("--log_steps", type=int, default=10,
+                     help="Read the loss back from the device and log it every N steps (reading it every step costs a sync).")
+
+    model = parser.add_argument_group("Model")
+    model.add_argument("--pretrained_model_name_or_path", default=default_model, help=f"Hub id or local folder of the base pipeline (default: {default_model}).")
+    model.add_argument("--revision", default=None, help="Revision of the pretrained model on the Hub.")
+    model.add_argument("--variant", default=None, help="Variant of the weight files, e.g. fp16.")
+
+    concept = parser.add_argument_group("Concept")
+    concept.add_argument("--placeholder_token", required=True, help="The new token that stands for the concept, e.g. '<cat-toy>'.")
+    concept.add_argument("--initializer_token", required=True,
+                         help="Word(s) the vectors start from and the prior points to. Several tokens give one vector each.")
+    concept.add_argument("--num_vectors", type=int, default=None,
+                         help="Number of vectors for the concept (default: one per initializer token). A one-token initializer is copied.")
+    concept.add_argument("--learnable_property", choices=["object", "style"], default="object", help="Prompt templates: object or style.")
+
+    data = parser.add_argument_group("Data")
+    data.add_argument("--train_data_dir", default=None, help="Folder of training images (other files are skipped with a warning).")
+    data.add_argument("--dataset_name", default=None, help="A `datasets` dataset instead: a Hub id or a local image folder.")
+    data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name, if it has several.")
+    data.add_argument("--image_column", default="image", help="Column of --dataset_name that holds the images.")
+    data.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    data.add_argument("--repeats", type=int, default=100, help="How many times the images repeat in one epoch.")
+    data.add_argument("--resolution", type=int, default=default_resolution, help="Training resolution in pixels (divisible by 8).")
+    data.add_argument("--center_crop", action="store_true", help="Centre-crop images before resizing (default: resize the whole image).")
+    data.add_argument("--flip_p", type=float, default=default_flip_p, help="Probability of a horizontal flip.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Threads that decode and encode the images once at start-up (the loop itself reads cached latents).")
+
+    train = parser.add_argument_group("Training")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device (the reference recipe uses 4).")
+    train.add_argument("--num_train_epochs", type=int, default=100, help="Used only when --max_train_steps is unset.")
+    train.add_argument("--max_train_steps", type=int, default=400, help="Optimizer steps (the reference recipe uses 400).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    train.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet and text encoder.")
+    train.add_argument("--seed", type=int, default=None, help="Seed for data order, noise and validation (random if unset, and stored for resume).")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Precision of the UNet and VAE. Directions and optimizer state stay float32. Default: accelerate's config.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention in the UNet.")
+    train.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher; LOCAL_RANK in the environment wins.")
+
+    opt = parser.add_argument_group("Optimizer")
+    opt.add_argument("--learning_rate", type=float, default=None,
+                     help="Base learning rate. rsgd: radians per step before --scale_lr (default 0.01). adamw: default 5e-4.")
+    opt.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=True,
+                     help="Multiply the learning rate by batch size x gradient accumulation x processes (default on, as in the "
+                          "reference recipe: 0.01 x 4 = an effective step of 0.04 rad). --no-scale_lr uses --learning_rate as is.")
+    opt.add_argument("--lr_scheduler", default="constant",
+                     help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or "constant_with_warmup".')
+    opt.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps (schedulers with warm-up only).")
+    opt.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="adamw only.")
+    opt.add_argument("--adam_beta2", type=float, default=0.999, help="adamw only.")
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-2, help="adamw only.")
+    opt.add_argument("--adam_epsilon", type=float, default=1e-08, help="adamw only.")
+
+    save = parser.add_argument_group("Saving")
+    save.add_argument("--output_dir", default="text-inversion-model", help="Where embeddings, images, logs and checkpoints go.")
+    save.add_argument("--save_steps", type=int, default=500, help="Write learned_embeds-steps-N every N steps.")
+    save.add_argument("--save_as_full_pipeline", action="store_true", help="Also save the whole pipeline with the token folded in.")
+    save.add_argument("--no_safe_serialization", action="store_true", help="Write .bin (torch.save) instead of .safetensors.")
+    save.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint-N (kilobytes) every N steps.")
+    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    save.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" in --output_dir.')
+
+    log = parser.add_argument_group("Logging and validation")
+    log.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to --output_dir.")
+    log.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    log.add_argument("--validation_prompt", default=None, help="Prompt rendered at each validation, e.g. 'a <cat-toy> on a beach'.")
+    log.add_argument("--num_validation_images", type=int, default=4, help="Images per validation.")
+    log.add_argument("--validation_steps", type=int, default=100, help="Validate every N steps (and always at the end).")
+    log.add_argument("--num_validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings, validation images and a model card.")
+    hub.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
+    hub.add_argument("--hub_model_id", default=None, help="Repository name (default: the output folder's name).")
+    hub.add_argument("--hub_private", action="store_true", help="Create the repository as private.")
+    hub.add_argument("--push_checkpoints", action="store_true", help="Also upload checkpoint-N folders (not uploaded by default).")
+    return parser
+
+
+def check_args(args):
+    """Checks that need no model: one clear sentence per problem, before anything heavy loads."""
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    if args.resolution <= 0 or args.resolution % 8:
+        raise DTIError(f"--resolution {args.resolution} is not a positive multiple of 8; the VAE downsamples by 8 (try 512 or 768).")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "repeats", "save_steps", "checkpointing_steps", "validation_steps", "log_steps", "num_validation_images"):
+        if getattr(args, flag) < 1:
+            raise DTIError(f"--{flag} must be at least 1, not {getattr(args, flag)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise DTIError(f"--max_train_steps must be at least 1, not {args.max_train_steps}.")
+    if args.num_vectors is not None and args.num_vectors < 1:
+        raise DTIError(f"--num_vectors must be at least 1, not {args.num_vectors}.")
+    if not 0.0 <= args.flip_p <= 1.0:
+        raise DTIError(f"--flip_p must be between 0 and 1, not {args.flip_p}.")
+    if not 0.0 <= args.rsgd_beta < 1.0:
+        raise DTIError(f"--rsgd_beta must be in [0, 1), not {args.rsgd_beta}.")
+    if args.kappa < 0:
+        raise DTIError(f"--kappa must be 0 or positive, not {args.kappa}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise DTIError(f"--checkpoints_total_limit must be at least 1, not {args.checkpoints_total_limit}.")
+    resolve_token_scale(args.token_scale, {"mean": 1.0, "min": 1.0, "max": 1.0})
+    if args.train_data_dir is None and args.dataset_name is None:
+        raise DTIError("No training images: pass --train_data_dir FOLDER or --dataset_name.")
+    if args.train_data_dir is not None and args.dataset_name is not None:
+        raise DTIError("Pass either --train_data_dir or --dataset_name, not both.")
+    if args.report_to in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise DTIError("--report_to wandb needs wandb: pip install wandb, or use --report_to tensorboard.")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise DTIError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, or drop the flag (PyTorch SDPA is used by default).")
+    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise DTIError("--hub_token with --report_to wandb would expose the token in the run config; log in with `hf auth login` instead.")
+    if args.learning_rate is None:
+        args.learning_rate = 0.01 if args.optimizer == "rsgd" else 5e-4
+    if args.learning_rate <= 0:
+        raise DTIError(f"--learning_rate must be positive, not {args.learning_rate}.")
+    return args
+
+
+def run_main(main, args):
+    """Run a script's main(): a DTIError becomes one line on stderr and exit code 2."""
+    try:
+        return main(args)
+    except DTIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "training_state.pt"
+
+
+def list_checkpoints(output_dir):
+    """checkpoint-N folders under output_dir that hold a complete state, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        suffix = os.path.basename(path).split("-", 1)[1]
+        if suffix.isdigit() and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(output_dir, resume_from_checkpoint):
+    """The checkpoint folder to resume from, None to start fresh ('latest' with none found)."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new training run.")
+            return None
+        return found[-1]
+    path = resume_from_checkpoint
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(output_dir, path)
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        raise DTIError(f"--resume_from_checkpoint {resume_from_checkpoint}: no {CHECKPOINT_FILE} there; pass a checkpoint-N folder or 'latest'.")
+    return path
+
+
+def save_checkpoint(output_dir, step, state, total_limit=None):
+    """Write checkpoint-N atomically (a temporary folder renamed), pruning the oldest beyond total_limit."""
+    existing = list_checkpoints(output_dir)
+    if total_limit is not None and len(existing) >= total_limit:
+        for old in existing[: len(existing) - total_limit + 1]:
+            logger.info(f"Removing old checkpoint {old} (--checkpoints_total_limit {total_limit})")
+            shutil.rmtree(old)
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-checkpoint-")
+    torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path):
+    return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------
+
+NONFINITE_PATIENCE = 20  # consecutive non-finite steps before giving up
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nReceived {signal.Signals(signum).name}: saving the embedding and a checkpoint, then stopping.", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def training_metadata(args, concept, steps):
+    """The safetensors metadata of an embedding file: enough to know how it was made."""
+    return {
+        "method": "directional_textual_inversion" if args.optimizer == "rsgd" else "textual_inversion",
+        "dti_version": __version__,
+        "base_model": args.pretrained_model_name_or_path,
+        "text_encoder": concept.name,
+        "placeholder_token": args.placeholder_token,
+        "tokens": json.dumps(concept.tokens),
+        "initializer_token": args.initializer_token,
+        "norm": repr(concept.norm) if concept.norm is not None else "free",
+        "token_scale": args.token_scale,
+        "kappa": repr(args.kappa) if args.optimizer == "rsgd" else "none",
+        "steps": str(steps),
+    }
+
+
+class DTITrainer:
+    """The training loop both scripts share: optimizer, schedule, checkpoints, logging, validation, saving.
+
+    The script supplies what is model-specific: the learned vectors of each text encoder (`concepts`), the
+    cached data, `compute_loss(batch, generator) -> scalar` and `make_pipeline() -> pipeline` for validation.
+    """
+
+    def __init__(self, accelerator, args, concepts, tokenizers, data, compute_loss, make_pipeline, weight_dtype, combined_file=None):
+        self.accelerator = accelerator
+        self.args = args
+        self.concepts = concepts
+        self.tokenizers = tokenizers
+        self.data = data
+        self.compute_loss = compute_loss
+        self.make_pipeline = make_pipeline
+        self.weight_dtype = weight_dtype
+        self.combined_file = combined_file  # SDXL: (file stem, [key per concept]) for the single-file form
+        self.output_dir = args.output_dir
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.updates_per_epoch = math.ceil(data.steps_per_epoch(args.train_batch_size, self.world) / args.gradient_accumulation_steps)
+        if args.max_train_steps is None:
+            args.max_train_steps = args.num_train_epochs * self.updates_per_epoch
+        self.max_train_steps = args.max_train_steps
+        self.global_step = 0
+        self.validation_images = []
+        self.history = []  # (step, loss, norm, angle_deg) at each log read-back
+
+        lr = args.learning_rate
+        if args.scale_lr:
+            lr = lr * args.gradient_accumulation_steps * args.train_batch_size * self.world
+        self.effective_lr = lr
+        params = [c.param for c in concepts]
+        if args.optimizer == "rsgd":
+            optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=self.max_train_steps, num_cycles=args.lr_num_cycles,
+        )
+        # Prepared for fp16 loss scaling; gradients are averaged across processes by hand (a few KB).
+        self.optimizer = accelerator.prepare(optimizer)
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {
+            "format": "dti-checkpoint-1",
+            "global_step": self.global_step,
+            "seed": self.args.seed,
+            "params": [c.param.detach().float().cpu() for c in self.concepts],
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else {},
+            "tokens": self.concepts[0].tokens,
+            "mode": self.args.optimizer,
+            "layout": [self.world, self.args.train_batch_size, self.args.gradient_accumulation_steps],
+        }
+
+    def load_state_dict(self, state, path):
+        if state.get("tokens") != self.concepts[0].tokens or state.get("mode") != self.args.optimizer:
+            raise DTIError(
+                f"Checkpoint {path} was made for tokens {state.get('tokens')} with --optimizer {state.get('mode')}; "
+                f"this run has {self.concepts[0].tokens} with --optimizer {self.args.optimizer}. Use the same flags or a new --output_dir."
+            )
+        if len(state["params"]) != len(self.concepts) or any(p.shape != c.param.shape for p, c in zip(state["params"], self.concepts)):
+            raise DTIError(f"Checkpoint {path} holds vectors of other shapes than this model's; resume with the same base model.")
+        layout = [self.world, self.args.train_batch_size, self.args.gradient_accumulation_steps]
+        if state["layout"] != layout:
+            logger.warning(f"Checkpoint {path} was made with (processes, batch, accumulation) = {state['layout']}, now {layout}: the data order will differ from an uninterrupted run.")
+        with torch.no_grad():
+            for c, p in zip(self.concepts, state["params"]):
+                c.param.copy_(p.to(c.param.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["scaler"] and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+        self.args.seed = int(state["seed"])
+        self.data.seed = self.args.seed
+
+    # -- files ------------------------------------------------------------------------------------------
+
+    def save_embeddings(self, steps_suffix=None):
+        """learned_embeds[_2][-steps-N].safetensors (and the SDXL single file), main process only, atomic."""
+        if not self.accelerator.is_main_process:
+            return []
+        ext = ".bin" if self.args.no_safe_serialization else ".safetensors"
+        suffix = f"-steps-{steps_suffix}" if steps_suffix is not None else ""
+        written = []
+        for c in self.concepts:
+            path = os.path.join(self.output_dir, f"{c.file_stem}{suffix}{ext}")
+            written.append(save_embedding_file(path, {self.args.placeholder_token: c.vectors()}, training_metadata(self.args, c, self.global_step)))
+        if self.combined_file is not None:
+            stem, keys = self.combined_file
+            path = os.path.join(self.output_dir, f"{stem}{suffix}{ext}")
+            meta = training_metadata(self.args, self.concepts[0], self.global_step)
+            meta["text_encoder"] = "both"
+            meta["norm"] = json.dumps({k: c.norm for k, c in zip(keys, self.concepts)})
+            written.append(save_embedding_file(path, {k: c.vectors() for k, c in zip(keys, self.concepts)}, meta))
+        return written
+
+    def save_checkpoint(self):
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.output_dir, self.global_step, self.state_dict(), self.args.checkpoints_total_limit)
+            logger.info(f"Saved {path}")
+
+    # -- validation and logging -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self):
+        accelerator, args = self.accelerator, self.args
+        if not args.validation_prompt or not accelerator.is_main_process:
+            return []
+        logger.info(f"Validation at step {self.global_step}: {args.num_validation_images} images of {args.validation_prompt!r}")
+        pipeline = self.make_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        device = accelerator.device
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        autocast = torch.autocast(device.type, dtype=self.weight_dtype) if self.weight_dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+        images = []
+        with autocast:
+            for _ in range(args.num_validation_images):
+                images.append(pipeline(args.validation_prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator).images[0])
+        folder = os.path.join(self.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for i, image in enumerate(images):
+            path = os.path.join(folder, f"step-{self.global_step:06d}-{i}.png")
+            image.save(path)
+            paths.append(path)
+        self.validation_images = paths
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(img) for img in images]), self.global_step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(img, caption=f"{i}: {args.validation_prompt}") for i, img in enumerate(images)]}, step=self.global_step)
+        del pipeline
+        return paths
+
+    def log_nearest_tokens(self):
+        if not self.accelerator.is_main_process:
+            return
+        for c, tok in zip(self.concepts, self.tokenizers):
+            for token, near in zip(c.tokens, c.nearest_tokens(tok)):
+                logger.info(f"step {self.global_step} {c.name} {token}: nearest vocabulary tokens {near}")
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _sync_stats(self, loss_sum, nonfinite, window, stop_requested):
+        """One device->host read of the window's figures, averaged over processes."""
+        norm, angle = self.concepts[0].stats()
+        figures = torch.stack([loss_sum, nonfinite, norm, angle, torch.tensor(float(stop_requested), device=loss_sum.device)])
+        if self.world > 1:
+            figures = self.accelerator.reduce(figures, reduction="mean")
+        loss_sum, nonfinite, norm, angle, stop = figures.tolist()
+        nonfinite = round(nonfinite)
+        finite_steps = max(window - nonfinite, 1)
+        return loss_sum / finite_steps, nonfinite, norm, math.degrees(angle), stop > 0
+
+    def fit(self):
+        args, accelerator = self.args, self.accelerator
+        from tqdm.auto import tqdm
+
+        resume_path = resolve_resume_path(self.output_dir, args.resume_from_checkpoint)
+        if resume_path is not None:
+            self.load_state_dict(load_checkpoint(resume_path), resume_path)
+            logger.info(f"Resumed from {resume_path} at step {self.global_step}")
+
+        logger.info("***** Running training *****")
+        logger.info(f"  Images = {self.data.num_images} x {args.repeats} repeats, batch {args.train_batch_size} per device x {self.world} processes x {args.gradient_accumulation_steps} accumulation")
+        logger.info(f"  Optimizer = {args.optimizer}, effective learning rate = {self.effective_lr:g}, steps = {self.max_train_steps}")
+        for c in self.concepts:
+            logger.info(f"  {c.name}: tokens {c.tokens}, norm {'free (classic TI)' if c.norm is None else f'{c.norm:.6f}'}")
+
+        progress = tqdm(range(self.max_train_steps), initial=self.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+        device = accelerator.device
+        zero = torch.zeros((), device=device)
+        loss_sum, nonfinite, window, consecutive_bad = zero.clone(), zero.clone(), 0, 0
+        interrupted = None
+        accum = args.gradient_accumulation_steps
+        with _StopSignals() as signals:
+            while self.global_step < self.max_train_steps:
+                step_loss = zero.clone()
+                for micro in range(accum):
+                    micro_step = self.global_step * accum + micro
+                    batch = self.data.batch(micro_step, args.train_batch_size, self.world, self.rank)
+                    generator = step_generator(args.seed, micro_step, self.rank, device)
+                    loss = self.compute_loss(batch, generator) / accum
+                    accelerator.backward(loss)
+                    step_loss = step_loss + loss.detach()
+                finite = torch.isfinite(step_loss)
+                if self.world > 1:
+                    for c in self.concepts:
+                        c.param.grad = accelerator.reduce(c.param.grad, reduction="mean")
+                if args.optimizer == "adamw" and not finite.item():
+                    self.optimizer.zero_grad(set_to_none=True)  # AdamW cannot skip on the device: skip here
+                else:
+                    self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                progress.update(1)
+                loss_sum = loss_sum + torch.where(finite, step_loss, zero)
+                nonfinite = nonfinite + (~finite).float()
+                window += 1
+
+                last = self.global_step == self.max_train_steps
+                if window >= args.log_steps or last or (self.world == 1 and signals.signum is not None):
+                    loss_avg, bad, norm, angle, stop = self._sync_stats(loss_sum, nonfinite, window, signals.signum is not None)
+                    if bad:
+                        logger.warning(f"Skipped {bad} of the last {window} steps: the loss was not finite.")
+                    consecutive_bad = consecutive_bad + bad if bad == window else bad
+                    logs = {"loss": loss_avg, "norm": norm, "angle_deg": angle, "lr": self.lr_scheduler.get_last_lr()[0]}
+                    self.history.append((self.global_step, loss_avg if bad < window else float("nan"), norm, angle))
+                    progress.set_postfix(loss=f"{loss_avg:.4f}", norm=f"{norm:.4f}", angle=f"{angle:.2f}deg")
+                    accelerator.log(logs, step=self.global_step)
+                    loss_sum, nonfinite, window = zero.clone(), zero.clone(), 0
+                    if consecutive_bad >= NONFINITE_PATIENCE:
+                        self.save_embeddings()
+                        raise DTIError(
+                            f"The loss was not finite for {consecutive_bad} steps in a row (at step {self.global_step}); the last good "
+                            f"embedding is in {self.output_dir}. Try --mixed_precision bf16 or no, or a lower --learning_rate."
+                        )
+                    if stop:
+                        interrupted = signals.signum or signal.SIGTERM
+                        break
+
+                if accelerator.is_main_process:
+                    if self.global_step % args.save_steps == 0:
+                        self.save_embeddings(steps_suffix=self.global_step)
+                    if self.global_step % args.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                if self.global_step % args.validation_steps == 0 and not last:
+                    self.validate()
+                    self.log_nearest_tokens()
+        progress.close()
+
+        if interrupted is not None:
+            self.save_embeddings()
+            self.save_checkpoint()
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            print(f"Stopped at step {self.global_step}: embedding and checkpoint-{self.global_step} saved in {self.output_dir}; "
+                  f"continue with --resume_from_checkpoint latest.", file=sys.stderr)
+            sys.exit(128 + int(interrupted))
+        return self.global_step
+
+    def finish(self):
+        """Final files, validation, nearest tokens: call after fit()."""
+        self.accelerator.wait_for_everyone()
+        files = self.save_embeddings()
+        self.validate()
+        self.log_nearest_tokens()
+        return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model card and Hub
+# ----------------------------------------------------------------------------------------------------
+
+
+def base_model_license(base_model, token=None):
+    """The license in the base model's card (local folder or Hub), or None when it cannot be read."""
+    from huggingface_hub import ModelCard
+
+    try:
+        local = os.path.join(base_model, "README.md")
+        card = ModelCard.load(local if os.path.isfile(local) else base_model, token=token)
+        return card.data.license
+    except Exception:
+        return None
+
+
+def loading_snippet(repo_id, base_model, placeholder_token, sdxl=False, prompt=None):
+    prompt = prompt or f"a photo of {placeholder_token}"
+    if sdxl:
+        return f'''```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors", token="{placeholder_token}",
+                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors", token="{placeholder_token}",
+                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+image = pipe("{prompt}").images[0]
+```'''
+    return f'''```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe.load_textual_inversion("{repo_id}")
+image = pipe("{prompt}").images[0]
+```'''
+
+
+def write_model_card(output_dir, repo_id, args, concepts, image_paths, sdxl=False, license=None):
+    """README.md with YAML (base_model, license, tags), the validation images and a loading snippet."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    method = "Directional Textual Inversion (DTI)" if args.optimizer == "rsgd" else "textual inversion (AdamW)"
+    card_data = ModelCardData(
+        license=license or "other",
+        base_model=args.pretrained_model_name_or_path,
+        library_name="diffusers",
+        tags=["stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image", "diffusers",
+              "textual_inversion", "directional-textual-inversion"],
+        inference=True,
+    )
+    norms = ", ".join(f"{c.name}: {c.norm:.4f}" if c.norm is not None else f"{c.name}: free" for c in concepts)
+    images = "\n".join(f"![validation image {i}]({os.path.relpath(p, output_dir)})" for i, p in enumerate(image_paths))
+    body = f"""
+# {args.placeholder_token}: {method} on {args.pretrained_model_name_or_path}
+
+The token `{args.placeholder_token}` ({len(concepts[0].tokens)} vector(s), initialized from `{args.initializer_token}`) was learned with {method}
+for {args.max_train_steps} steps. DTI keeps each vector at a fixed in-distribution norm ({norms}) and learns its direction on the sphere
+(kappa {args.kappa}), so the token keeps following the rest of the prompt. See [Directional Textual Inversion](https://arxiv.org/abs/2512.13672).
+
+{images or "No validation images were made (pass --validation_prompt)."}
+
+## Use it
+
+{loading_snippet(repo_id, args.pretrained_model_name_or_path, args.placeholder_token, sdxl, args.validation_prompt)}
+
+Files: {", ".join(f"`{c.file_stem}.safetensors`" for c in concepts)}{" and the single-file `clip_l`/`clip_g` form for AUTOMATIC1111 and ComfyUI" if sdxl else " (also readable by AUTOMATIC1111 and ComfyUI)"}.
+"""
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+    path = os.path.join(output_dir, "README.md")
+    _atomic_write(path, lambda tmp: card.save(tmp))
+    return path
+
+
+def push_output_to_hub(args, concepts, image_paths, sdxl=False):
+    """Create the repo and upload embeddings, validation images and the card; checkpoints/logs only if asked."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token, private=args.hub_private).repo_id
+    except Exception as e:
+        raise DTIError(f"Could not create the Hub repository {repo_name!r} ({type(e).__name__}: {e}); the output in {args.output_dir} is complete. "
+                       f"Log in with `hf auth login` or pass --hub_token, then retry with: hf upload {repo_name} {args.output_dir} --exclude 'checkpoint-*/*' 'logs/*'")
+    write_model_card(args.output_dir, repo_id, args, concepts, image_paths, sdxl=sdxl, license=base_model_license(args.pretrained_model_name_or_path, args.hub_token))
+    ignore = ["logs/*", "logs/**", ".tmp-*", "*/.tmp-*"]
+    if not args.push_checkpoints:
+        ignore += ["checkpoint-*", "checkpoint-*/*"]
+    try:
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="Upload textual inversion embedding", ignore_patterns=ignore, token=args.hub_token)
+    except Exception as e:
+        raise DTIError(f"Upload to {repo_id} failed ({type(e).__name__}: {e}); the output in {args.output_dir} is complete. "
+                       f"Retry with: hf upload {repo_id} {args.output_dir} --exclude 'checkpoint-*/*' 'logs/*'")
+    logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
+    return repo_id

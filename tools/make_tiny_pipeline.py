@@ -1,0 +1,148 @@
+"""Build tiny random Stable Diffusion pipelines and example images, fully offline.
+
+The training scripts need a real diffusers pipeline folder. This helper writes one with a few thousand
+parameters and a small CLIP tokenizer made from a generated vocabulary, so the smoke run and the tests
+work on a CPU without the Hub.
+
+    python tools/make_tiny_pipeline.py --output tiny-sd --images tiny-images
+    python tools/make_tiny_pipeline.py --sdxl --output tiny-sdxl
+"""
+
+import argparse
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# Words that tokenize to a single token in the tiny vocabulary (initializers, template words).
+WORDS = (
+    "a an the of in on at with and by for photo picture rendering cropped dark bright clean dirty close-up "
+    "good nice small large weird cool painting style art toy dog cat cake car city street japanese modern "
+    "red blue green one two three sketch drawing"
+).split()
+
+
+def tiny_clip_tokenizer(model_max_length=77):
+    """A CLIP tokenizer with byte-level characters and whole-word tokens for WORDS."""
+    from transformers import CLIPTokenizer
+
+    # The printable characters of byte-level BPE: CLIP's pre-tokenizer maps every byte to one of these.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            merged = parts[0] + parts[1]
+            if merged not in vocab_list:
+                vocab_list.append(merged)
+            parts = [merged] + parts[2:]
+    merges = list(dict.fromkeys(merges))
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
+
+
+def tiny_text_encoder(vocab_size, hidden_size=32, projection=False, eos_token_id=None, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
+        pad_token_id=vocab_size - 1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=vocab_size,
+        projection_dim=hidden_size,
+        hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config)
+
+
+def tiny_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+
+
+def make_tiny_sd(output_dir, seed=0):
+    """Write a tiny StableDiffusionPipeline (UNet, VAE, CLIP text encoder, tokenizer, scheduler)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
+def make_example_images(output_dir, count=4, size=64, seed=0):
+    """Write a few PNGs of a coloured shape on a background: a stand-in for a user's photos."""
+    os.makedirs(output_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        image = Image.new("RGB", (size + 8 * i, size), tuple(int(c) for c in rng.integers(150, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(4, size // 3, 2)
+        draw.ellipse([x, y, x + size // 2, y + size // 2], fill=tuple(int(c) for c in rng.integers(0, 120, 3)))
+        path = os.path.join(output_dir, f"example_{i}.png")
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="Folder for the pipeline.")
+    parser.add_argument("--sdxl", action="store_true", help="Build a tiny SDXL pipeline instead of SD.")
+    parser.add_argument("--images", default=None, help="Also write example images to this folder.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.sdxl:
+        make_tiny_sdxl(args.output, seed=args.seed)
+    else:
+        make_tiny_sd(args.output, seed=args.seed)
+    print(f"Wrote a tiny {'SDXL' if args.sdxl else 'SD'} pipeline to {args.output}")
+    if args.images:
+        make_example_images(args.images, seed=args.seed)
+        print(f"Wrote example images to {args.images}")
+
+
+if __name__ == "__main__":
+    main()
