@@ -486,19 +486,20 @@ def square_view(image, resolution, center_crop=False):
 class TrainingData:
     """What the loop samples from: cached VAE latent distributions of every view and pre-tokenized prompts.
 
-    Images never change, so each distinct view (an image, and its mirror when flipping) is encoded once;
-    a step draws a latent from the cached mean and std, which has the distribution of encoding anew.
+    Images never change, so each distinct view (a crop position of an image, and its mirror when flipping)
+    is encoded once; a step draws a latent from the cached mean and std, which has the distribution of
+    encoding anew. `view_index[image, flip, crop]` names the cached view of each choice.
     The order is a function of (seed, epoch) and the noise a function of (seed, step, rank), so the data
     position is the step count and resuming continues exactly.
     """
 
-    def __init__(self, views, latent_means, latent_stds, prompt_ids, num_images, repeats, flip_p, seed, extra=None):
-        self.views = views  # number of views per image (1 or 2)
-        self.latent_means = latent_means  # (num_images * views, C, h, w)
+    def __init__(self, latent_means, latent_stds, view_index, prompt_ids, repeats, flip_p, seed, extra=None):
+        self.latent_means = latent_means  # (num_views, C, h, w) float32
         self.latent_stds = latent_stds
+        self.view_index = view_index  # (num_images, 1 or 2 flips, crops) long, on the device
         self.prompt_ids = prompt_ids  # list of (num_templates, L) tensors, one per tokenizer
-        self.num_images = num_images
-        self.length = num_images * repeats
+        self.num_images = view_index.shape[0]
+        self.length = self.num_images * repeats
         self.flip_p = flip_p
         self.seed = seed
         self.extra = extra or {}  # per-view tensors (e.g. SDXL time ids), indexed like the latents
@@ -506,13 +507,12 @@ class TrainingData:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, images_as_views, vae, tokenizers, placeholder_string, learnable_property, repeats, flip_p, seed, device, batch_size=4, extra=None):
-        """images_as_views: per image a list of view tensors (3, H, W) in [-1, 1] (the mirror second)."""
-        views = len(images_as_views[0])
-        pixels = torch.stack([v for per_image in images_as_views for v in per_image])
+    def build(cls, views, view_index, vae, tokenizers, placeholder_string, learnable_property, repeats, flip_p, seed, device, batch_size=4, extra=None):
+        """views: the distinct view tensors (3, H, W) in [-1, 1]; view_index: (images, flips, crops) into them."""
         means, stds = [], []
-        for chunk in pixels.split(batch_size):
-            dist = vae.encode(chunk.to(device, dtype=vae.dtype)).latent_dist
+        for start in range(0, len(views), batch_size):
+            chunk = torch.stack(views[start : start + batch_size]).to(device, dtype=vae.dtype)
+            dist = vae.encode(chunk).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
         texts = [t.format(placeholder_string) for t in prompt_templates(learnable_property)]
@@ -520,7 +520,8 @@ class TrainingData:
             tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
             for tok in tokenizers
         ]
-        return cls(views, torch.cat(means), torch.cat(stds), prompt_ids, len(images_as_views), repeats, flip_p, seed, extra)
+        extra = {k: v.to(device) for k, v in (extra or {}).items()}
+        return cls(torch.cat(means), torch.cat(stds), torch.as_tensor(view_index).to(device), prompt_ids, repeats, flip_p, seed, extra)
 
     def steps_per_epoch(self, batch_size, num_processes):
         return math.ceil(self.length / (batch_size * num_processes))
@@ -529,25 +530,25 @@ class TrainingData:
         if epoch not in self._epoch_cache:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.length, generator=g)
-            flips = torch.rand(self.length, generator=g) < self.flip_p
+            flips = (torch.rand(self.length, generator=g) < self.flip_p).long().clamp_max(self.view_index.shape[1] - 1)
+            crops = torch.randint(0, self.view_index.shape[2], (self.length,), generator=g)
             templates = torch.randint(0, self.prompt_ids[0].shape[0], (self.length,), generator=g)
-            self._epoch_cache = {epoch: (order, flips, templates)}
+            self._epoch_cache = {epoch: (order, flips, crops, templates)}
         return self._epoch_cache[epoch]
 
     def batch(self, micro_step, batch_size, num_processes, rank):
         """The micro-batch of this rank at global micro-step `micro_step`: dict of device tensors."""
         per_epoch = self.steps_per_epoch(batch_size, num_processes)
         epoch, index = divmod(micro_step, per_epoch)
-        order, flips, templates = self._epoch(epoch)
+        order, flips, crops, templates = self._epoch(epoch)
         span = batch_size * num_processes
         picked = order[index * span : (index + 1) * span]
         if len(picked) < num_processes:  # every rank needs at least one sample
             picked = torch.cat([picked, order[: num_processes - len(picked)]])
         picked = picked[rank::num_processes]
-        image = picked % self.num_images
-        view = image * self.views + (flips[picked].long() if self.views > 1 else 0)
         device = self.latent_means.device
-        view = view.to(device)
+        choice = torch.stack([picked % self.num_images, flips[picked], crops[picked]]).to(device)
+        view = self.view_index[choice[0], choice[1], choice[2]]
         template = templates[picked].to(device)
         out = {
             "mean": self.latent_means[view],
@@ -557,6 +558,34 @@ class TrainingData:
         for key, value in self.extra.items():
             out[key] = value[view]
         return out
+
+
+def build_views(images, make_view, crops_of, flip):
+    """Distinct views of every image, each once: returns (view tensors, view_index (images, flips, crops), view keys).
+
+    make_view(image, crop) -> PIL image of that crop; crops_of(image) -> list of crop keys (repeats allowed,
+    they map to one view); flip adds the mirror of each view. An image with fewer crops than another
+    repeats its own, so each image keeps probability 1/len(images) and its crops stay equally likely
+    whenever the counts divide (all crop counts are 1 or --crop_positions).
+    """
+    views, keys, table = [], [], []
+    for i, image in enumerate(images):
+        crops = crops_of(image)
+        per_flip = []
+        for mirrored in ([False, True] if flip else [False]):
+            row, seen = [], {}
+            for crop in crops:
+                if crop not in seen:
+                    view = make_view(image, crop)
+                    seen[crop] = len(views)
+                    views.append(image_to_tensor(ImageOps.mirror(view) if mirrored else view))
+                    keys.append((i, mirrored, crop))
+                row.append(seen[crop])
+            per_flip.append(row)
+        table.append(per_flip)
+    width = max(len(row) for per_flip in table for row in per_flip)  # images with fewer crops repeat theirs
+    table = [[[row[j % len(row)] for j in range(width)] for row in per_flip] for per_flip in table]
+    return views, torch.tensor(table, dtype=torch.long), keys
 
 
 def step_generator(seed, micro_step, rank, device):
@@ -731,6 +760,63 @@ def check_args(args):
     if args.learning_rate <= 0:
         raise DTIError(f"--learning_rate must be positive, not {args.learning_rate}.")
     return args
+
+
+def setup_accelerator(args, project_name):
+    """Accelerator, logging, one seed for all processes (stored in checkpoints), TF32, trackers; returns (accelerator, weight_dtype)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if args.seed is None:
+        args.seed = broadcast_object_list([int(np.random.SeedSequence().generate_state(1)[0] % 2**31)])[0]
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers(project_name, config=config)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, weight_dtype
+
+
+def freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders):
+    """Freeze and place the models. Text encoders stay float32 (the learned rows' gradient passes through them);
+    the UNet runs in the mixed-precision dtype, the VAE too unless its config asks for float32 (force_upcast)."""
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device)
+    vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and weight_dtype == torch.float16 else weight_dtype
+    vae.to(accelerator.device, dtype=vae_dtype)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()
+
+
+def add_concept(args, tokenizer, text_encoder, tokens, init_ids, name="text_encoder", file_stem="learned_embeds"):
+    """Add the placeholder tokens to one tokenizer/encoder pair and return its LearnedVectors (its own norm m and prior)."""
+    vocab_weight = text_encoder.get_input_embeddings().weight
+    original_vocab_size = vocab_weight.shape[0]
+    norm = resolve_token_scale(args.token_scale, vocabulary_norm_stats(vocab_weight)) if args.optimizer == "rsgd" else None
+    token_ids = add_placeholder_tokens(tokenizer, text_encoder, tokens)
+    mode = "dti" if args.optimizer == "rsgd" else "ti"
+    return LearnedVectors(text_encoder, tokens, token_ids, init_ids, original_vocab_size, mode=mode, norm=norm, name=name, file_stem=file_stem)
 
 
 def run_main(main, args):
@@ -1003,15 +1089,19 @@ class DTITrainer:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _sync_stats(self, loss_sum, nonfinite, window, stop_requested):
-        """One device->host read of the window's figures, averaged over processes."""
-        norm, angle = self.concepts[0].stats()
-        figures = torch.stack([loss_sum, nonfinite, norm, angle, torch.tensor(float(stop_requested), device=loss_sum.device)])
+        """One device->host read of the window's figures, averaged over processes.
+
+        Returns (mean finite loss, non-finite steps, {concept name: (norm, angle in degrees)}, stop flag)."""
+        per_concept = [x for c in self.concepts for x in c.stats()]
+        flag = torch.tensor(float(stop_requested), device=loss_sum.device)
+        figures = torch.stack([loss_sum, nonfinite, flag, *per_concept])
         if self.world > 1:
             figures = self.accelerator.reduce(figures, reduction="mean")
-        loss_sum, nonfinite, norm, angle, stop = figures.tolist()
+        values = figures.tolist()
+        loss_sum, nonfinite, stop = values[:3]
         nonfinite = round(nonfinite)
-        finite_steps = max(window - nonfinite, 1)
-        return loss_sum / finite_steps, nonfinite, norm, math.degrees(angle), stop > 0
+        geometry = {c.name: (values[3 + 2 * i], math.degrees(values[4 + 2 * i])) for i, c in enumerate(self.concepts)}
+        return loss_sum / max(window - nonfinite, 1), nonfinite, geometry, stop > 0
 
     def fit(self):
         args, accelerator = self.args, self.accelerator
@@ -1062,13 +1152,16 @@ class DTITrainer:
 
                 last = self.global_step == self.max_train_steps
                 if window >= args.log_steps or last or (self.world == 1 and signals.signum is not None):
-                    loss_avg, bad, norm, angle, stop = self._sync_stats(loss_sum, nonfinite, window, signals.signum is not None)
+                    loss_avg, bad, geometry, stop = self._sync_stats(loss_sum, nonfinite, window, signals.signum is not None)
                     if bad:
                         logger.warning(f"Skipped {bad} of the last {window} steps: the loss was not finite.")
                     consecutive_bad = consecutive_bad + bad if bad == window else bad
-                    logs = {"loss": loss_avg, "norm": norm, "angle_deg": angle, "lr": self.lr_scheduler.get_last_lr()[0]}
-                    self.history.append((self.global_step, loss_avg if bad < window else float("nan"), norm, angle))
-                    progress.set_postfix(loss=f"{loss_avg:.4f}", norm=f"{norm:.4f}", angle=f"{angle:.2f}deg")
+                    logs = {"loss": loss_avg, "lr": self.lr_scheduler.get_last_lr()[0]}
+                    for i, (name, (norm, angle)) in enumerate(geometry.items()):
+                        suffix = "" if i == 0 else f"_{i + 1}"
+                        logs[f"norm{suffix}"], logs[f"angle_deg{suffix}"] = norm, angle
+                    self.history.append((self.global_step, loss_avg if bad < window else float("nan"), logs["norm"], logs["angle_deg"]))
+                    progress.set_postfix(loss=f"{loss_avg:.4f}", norm=f"{logs['norm']:.4f}", angle=f"{logs['angle_deg']:.2f}deg")
                     accelerator.log(logs, step=self.global_step)
                     loss_sum, nonfinite, window = zero.clone(), zero.clone(), 0
                     if consecutive_bad >= NONFINITE_PATIENCE:
@@ -1108,6 +1201,21 @@ class DTITrainer:
         self.validate()
         self.log_nearest_tokens()
         return files
+
+    def publish(self, load_full_pipeline, sdxl=False):
+        """--save_as_full_pipeline and --push_to_hub (main process), then close the trackers."""
+        args = self.args
+        if self.accelerator.is_main_process:
+            if args.save_as_full_pipeline:
+                for c in self.concepts:
+                    c.remove_hook()  # fold the vectors into the embedding rows
+                load_full_pipeline().save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
+            if args.push_to_hub:
+                push_output_to_hub(args, self.concepts, self.validation_images, sdxl=sdxl)
+            for c in self.concepts:
+                norms = c.vectors().norm(dim=-1)
+                logger.info(f"Done: {c.name}: {len(c.tokens)} vector(s) of norm {norms.mean().item():.6f} in {os.path.join(args.output_dir, c.file_stem)}.*")
+        self.accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -111,6 +111,44 @@ def make_tiny_sd(output_dir, seed=0):
     return output_dir
 
 
+def make_tiny_sdxl(output_dir, seed=0, eos_token_id_2=2):
+    """Write a tiny StableDiffusionXLPipeline. Encoder 1 has width 32, encoder 2 width 64 with a projection.
+
+    eos_token_id_2=2 reproduces SDXL's real text_encoder_2 config, whose pooling takes argmax(input_ids).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer()
+    text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=32, seed=seed)
+    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), hidden_size=64, projection=True, eos_token_id=eos_token_id_2, seed=seed + 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 64,
+        cross_attention_dim=32 + 64,
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
+    )
+    pipe.save_pretrained(output_dir)
+    return output_dir
+
+
 def make_example_images(output_dir, count=4, size=64, seed=0):
     """Write a few PNGs of a coloured shape on a background: a stand-in for a user's photos."""
     os.makedirs(output_dir, exist_ok=True)
