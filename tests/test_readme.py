@@ -1,0 +1,51 @@
+"""The README's commands are the ones CI runs, and its offline smoke run works as written."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_block(heading):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split(f"## {heading}", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"))]
+    install, test = readme_block("Run the tests")
+    assert install in ci and test in ci
+    assert ci.index(install) < ci.index(test)
+    assert "python3 -m venv .ci-venv" in ci
+
+
+def test_no_torchvision_anywhere():
+    for folder, _, files in os.walk(ROOT):
+        if any(part.startswith(".") for part in folder.split(os.sep)):
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                source = open(os.path.join(folder, name)).read()
+                assert not re.search(r"^\s*(import|from)\s+torchvision", source, re.M), name
+    assert "torchvision" not in open(os.path.join(ROOT, "requirements.txt")).read().split("No torchvision")[0]
+
+
+@pytest.mark.subprocess
+def test_smoke_run_as_written(tmp_path):
+    for name in ("tools", "train_directional_textual_inversion.py", "dti_utils.py"):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    for command in readme_block("Smoke run: offline, on a CPU, in under a minute"):
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "generated smoke-output/toy.png" in result.stdout
+    vectors = load_file(tmp_path / "smoke-output" / "learned_embeds.safetensors")["<toy>"]
+    assert vectors.shape == (1, 32)
+    assert (tmp_path / "smoke-output" / "toy.png").stat().st_size > 0
+    assert len(list((tmp_path / "smoke-output" / "validation").glob("*.png"))) == 1
