@@ -1103,6 +1103,32 @@ class DTITrainer:
         geometry = {c.name: (values[3 + 2 * i], math.degrees(values[4 + 2 * i])) for i, c in enumerate(self.concepts)}
         return loss_sum / max(window - nonfinite, 1), nonfinite, geometry, stop > 0
 
+    def train_step(self):
+        """One optimizer step (all micro-batches), with no device->host sync on the DTI path.
+
+        Returns the step's loss and whether it was finite, both as device tensors."""
+        args, accelerator = self.args, self.accelerator
+        accum = args.gradient_accumulation_steps
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            micro_step = self.global_step * accum + micro
+            batch = self.data.batch(micro_step, args.train_batch_size, self.world, self.rank)
+            generator = step_generator(args.seed, micro_step, self.rank, accelerator.device)
+            loss = self.compute_loss(batch, generator) / accum
+            accelerator.backward(loss)
+            step_loss = step_loss + loss.detach()
+        finite = torch.isfinite(step_loss)
+        if self.world > 1:
+            for c in self.concepts:
+                c.param.grad = accelerator.reduce(c.param.grad, reduction="mean")
+        if args.optimizer == "adamw" and not finite.item():
+            self.optimizer.zero_grad(set_to_none=True)  # AdamW cannot skip on the device: skip here
+        else:
+            self.optimizer.step()  # RiemannianSGD skips a non-finite step on the device
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, finite
+
     def fit(self):
         args, accelerator = self.args, self.accelerator
         from tqdm.auto import tqdm
@@ -1123,27 +1149,9 @@ class DTITrainer:
         zero = torch.zeros((), device=device)
         loss_sum, nonfinite, window, consecutive_bad = zero.clone(), zero.clone(), 0, 0
         interrupted = None
-        accum = args.gradient_accumulation_steps
         with _StopSignals() as signals:
             while self.global_step < self.max_train_steps:
-                step_loss = zero.clone()
-                for micro in range(accum):
-                    micro_step = self.global_step * accum + micro
-                    batch = self.data.batch(micro_step, args.train_batch_size, self.world, self.rank)
-                    generator = step_generator(args.seed, micro_step, self.rank, device)
-                    loss = self.compute_loss(batch, generator) / accum
-                    accelerator.backward(loss)
-                    step_loss = step_loss + loss.detach()
-                finite = torch.isfinite(step_loss)
-                if self.world > 1:
-                    for c in self.concepts:
-                        c.param.grad = accelerator.reduce(c.param.grad, reduction="mean")
-                if args.optimizer == "adamw" and not finite.item():
-                    self.optimizer.zero_grad(set_to_none=True)  # AdamW cannot skip on the device: skip here
-                else:
-                    self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                step_loss, finite = self.train_step()
                 self.global_step += 1
                 progress.update(1)
                 loss_sum = loss_sum + torch.where(finite, step_loss, zero)
