@@ -13,6 +13,12 @@ Public surface, top to bottom:
 - data: `load_training_images`, `TrainingData`, the prompt templates
 - training: `add_training_args`, `check_args`, `DTITrainer` (loop, checkpoints, resume, signals, validation)
 - sharing: `write_model_card`, `push_output_to_hub`
+- concept tools: `read_concept`, `slerp_concepts`, `inspect_embedding`, `convert_embedding`,
+  `render_interpolation`, `plot_training_curves`, and the command line:
+
+    python dti_utils.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
+    python dti_utils.py inspect EMB [--model MODEL] [--k 5] [--json]
+    python dti_utils.py convert EMB --to diffusers|a1111|comfyui --output OUT
 """
 
 import argparse
@@ -21,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1206,6 +1213,8 @@ class DTITrainer:
         """Final files, validation, nearest tokens: call after fit()."""
         self.accelerator.wait_for_everyone()
         files = self.save_embeddings()
+        if self.accelerator.is_main_process:
+            plot_training_curves(self.history, os.path.join(self.output_dir, "training_curves.png"))
         self.validate()
         self.log_nearest_tokens()
         return files
@@ -1326,3 +1335,745 @@ def push_output_to_hub(args, concepts, image_paths, sdxl=False):
                        f"Retry with: hf upload {repo_id} {args.output_dir} --exclude 'checkpoint-*/*' 'logs/*'")
     logger.info(f"Uploaded to https://huggingface.co/{repo_id}")
     return repo_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Concept tools: read any embedding form, blend (slerp), inspect, convert, plot training curves.
+#
+#     python dti_utils.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
+#     python dti_utils.py inspect EMB [--model MODEL] [--k 5] [--json]
+#     python dti_utils.py convert EMB --to diffusers|a1111|comfyui --output OUT
+# ----------------------------------------------------------------------------------------------------
+
+# Internal names of the text encoders (diffusers' attribute names) and their names in the other forms.
+CONCEPT_ENCODERS = ("text_encoder", "text_encoder_2")
+SINGLE_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+DIFFUSERS_FILE_STEMS = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+CONVERT_TARGETS = ("diffusers", "a1111", "comfyui")
+
+
+class DTIWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. inputs with different norms)."""
+
+
+class ConceptEmbedding:
+    """One learned concept in any file form: its token and a (num_vectors, dim) tensor per text encoder.
+
+    vectors: {"text_encoder": tensor} for SD 1.x/2.x, plus "text_encoder_2" for SDXL (clip_l / clip_g).
+    metadata: {encoder name: {str: str}} as stored in the files (safetensors metadata).
+    form: how it was read: "diffusers", "diffusers-folder", "a1111", "sdxl-single-file".
+    """
+
+    def __init__(self, token, vectors, metadata=None, source=None, form=None):
+        self.token = token
+        self.vectors = {name: vectors[name] for name in CONCEPT_ENCODERS if name in vectors}
+        self.metadata = {name: dict((metadata or {}).get(name, {})) for name in self.vectors}
+        self.source = source
+        self.form = form
+
+    @property
+    def sdxl(self):
+        return "text_encoder_2" in self.vectors
+
+    @property
+    def num_vectors(self):
+        return next(iter(self.vectors.values())).shape[0]
+
+    def describe(self):
+        kind = "SDXL (2 text encoders)" if self.sdxl else "SD (1 text encoder)"
+        return f"{self.source or self.token}: {kind}, {self.num_vectors} vector(s)"
+
+    def __repr__(self):
+        dims = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.vectors.items())
+        return f"ConceptEmbedding(token={self.token!r}, {dims}, form={self.form!r})"
+
+
+def embedding_slug(token):
+    """The file stem AUTOMATIC1111 and ComfyUI use as the prompt word: '<cat-toy>' -> 'cat-toy'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "", token or "").strip("._-") or "embedding"
+
+
+def _check_token(token, flag="--token"):
+    if not token or not token.strip() or any(c.isspace() for c in token):
+        raise DTIError(f"{flag} {token!r} must be a single word without white space, such as '<mix>'.")
+    return token
+
+
+def _norm_or_none(text):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _as_matrix(value, path, key):
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise DTIError(f"{path}: entry {key!r} is not a float tensor ({type(value).__name__}); this is not a textual-inversion embedding file.")
+    if value.dim() == 1:
+        value = value.unsqueeze(0)
+    if value.dim() != 2 or value.shape[0] < 1 or value.shape[1] < 1:
+        raise DTIError(f"{path}: entry {key!r} has shape {tuple(value.shape)}; an embedding is (num_vectors, dim).")
+    return value.detach().cpu()
+
+
+def read_embedding_data(path):
+    """(data dict, metadata) of one embedding file; never unpickles arbitrary objects.
+
+    .safetensors through safetensors; .pt/.bin through torch.load(weights_only=True) (load_embedding_file);
+    anything else, unreadable files and non-dict contents raise DTIError.
+    """
+    if not os.path.isfile(path):
+        raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
+    if not path.lower().endswith(EMBEDDING_EXTENSIONS):
+        raise DTIError(f"{path} is not an embedding file; use a .safetensors, .pt or .bin file or a training output folder.")
+    try:
+        data, metadata = load_embedding_file(path)
+    except DTIError:
+        raise
+    except Exception as e:
+        raise DTIError(f"{path} cannot be read as an embedding file ({type(e).__name__}: {e}); check that the download is complete.")
+    if not isinstance(data, dict) or not data:
+        raise DTIError(f"{path} holds {type(data).__name__} {'(empty)' if isinstance(data, dict) else ''}, not a dict of tensors; this is not a textual-inversion embedding file.")
+    return data, {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
+def _concept_from_data(data, metadata, path):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if "string_to_param" in data:  # AUTOMATIC1111 .pt
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise DTIError(f"{path}: 'string_to_param' is not a dict of tensors; the AUTOMATIC1111 file is damaged.")
+        key = "*" if "*" in params else next(iter(params))
+        meta = dict(metadata)
+        stored = data.get("metadata")
+        if isinstance(stored, dict):
+            meta.update({str(k): str(v) for k, v in stored.items()})
+        name = data.get("name")
+        token = name if isinstance(name, str) and name.strip() else meta.get("placeholder_token", stem)
+        if "step" in data and "steps" not in meta and data["step"] is not None:
+            meta["steps"] = str(data["step"])
+        return ConceptEmbedding(token, {"text_encoder": _as_matrix(params[key], path, "string_to_param")},
+                                {"text_encoder": meta}, path, "a1111")
+    if "emb_params" in data:  # AUTOMATIC1111 / kohya .safetensors
+        token = metadata.get("placeholder_token") or metadata.get("name") or stem
+        return ConceptEmbedding(token, {"text_encoder": _as_matrix(data["emb_params"], path, "emb_params")},
+                                {"text_encoder": metadata}, path, "a1111")
+    if "clip_l" in data or "clip_g" in data:  # SDXL single file
+        missing = [k for k in ("clip_l", "clip_g") if k not in data]
+        if missing:
+            raise DTIError(f"{path} has {'clip_l' if 'clip_l' in data else 'clip_g'} but no {missing[0]}; an SDXL embedding file holds both.")
+        norms = {}
+        if metadata.get("norm", "").startswith("{"):
+            try:
+                norms = json.loads(metadata["norm"])
+            except ValueError:
+                norms = {}
+        vectors, metas = {}, {}
+        for name, key in SINGLE_FILE_KEYS.items():
+            vectors[name] = _as_matrix(data[key], path, key)
+            meta = dict(metadata)
+            meta["text_encoder"] = name
+            if isinstance(norms, dict) and key in norms:
+                meta["norm"] = repr(float(norms[key])) if norms[key] is not None else "free"
+            metas[name] = meta
+        if vectors["text_encoder"].shape[0] != vectors["text_encoder_2"].shape[0]:
+            raise DTIError(f"{path} holds {vectors['text_encoder'].shape[0]} clip_l vectors but {vectors['text_encoder_2'].shape[0]} clip_g vectors; the file is damaged.")
+        token = metadata.get("placeholder_token") or stem
+        return ConceptEmbedding(token, vectors, metas, path, "sdxl-single-file")
+    if len(data) == 1:  # diffusers {token: tensor}
+        token, value = next(iter(data.items()))
+        meta = dict(metadata)
+        meta.setdefault("text_encoder", "text_encoder")
+        return ConceptEmbedding(str(token), {"text_encoder": _as_matrix(value, path, token)}, {"text_encoder": meta}, path, "diffusers")
+    raise DTIError(
+        f"{path} has keys {sorted(map(str, data))[:6]}, which is no embedding form this tool knows; expected {{token: tensor}}, "
+        f"'string_to_param', 'emb_params' or 'clip_l'/'clip_g'."
+    )
+
+
+def _find_file(folder, stem):
+    for ext in EMBEDDING_EXTENSIONS:
+        path = os.path.join(folder, stem + ext)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_concept(path):
+    """Read an embedding file or a training output folder (SD or SDXL) in any supported form."""
+    if not os.path.isdir(path):
+        return _concept_from_data(*read_embedding_data(path), path)
+    first, second = _find_file(path, "learned_embeds"), _find_file(path, "learned_embeds_2")
+    if first:
+        concept = _concept_from_data(*read_embedding_data(first), first)
+        if concept.sdxl:
+            return concept
+        if second:
+            other = _concept_from_data(*read_embedding_data(second), second)
+            if other.sdxl:
+                raise DTIError(f"{second} holds both encoders' vectors; a learned_embeds_2 file holds text_encoder_2's only.")
+            if other.num_vectors != concept.num_vectors:
+                raise DTIError(f"{first} has {concept.num_vectors} vector(s) but {second} has {other.num_vectors}; the folder mixes two trainings.")
+            if other.token != concept.token:
+                warnings.warn(f"{first} names the token {concept.token!r} but {second} names {other.token!r}; using {concept.token!r}.", DTIWarning)
+            meta2 = dict(other.metadata["text_encoder"])
+            meta2["text_encoder"] = "text_encoder_2"
+            meta1 = dict(concept.metadata["text_encoder"])
+            return ConceptEmbedding(concept.token, {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
+                                    {"text_encoder": meta1, "text_encoder_2": meta2}, path, "diffusers-folder")
+        concept.source = path
+        concept.form = "diffusers-folder"
+        return concept
+    if second:
+        raise DTIError(f"{path} has learned_embeds_2 but no learned_embeds file; an SDXL output needs both.")
+    candidates = sorted(
+        n for n in os.listdir(path)
+        if n.lower().endswith(EMBEDDING_EXTENSIONS) and not n.startswith(".") and "-steps-" not in n and os.path.isfile(os.path.join(path, n))
+    )
+    if len(candidates) == 1:
+        return _concept_from_data(*read_embedding_data(os.path.join(path, candidates[0])), os.path.join(path, candidates[0]))
+    if not candidates:
+        raise DTIError(f"{path} holds no learned_embeds.safetensors (or any embedding file); pass a training output folder or an embedding file.")
+    raise DTIError(f"{path} holds several embedding files ({', '.join(candidates[:5])}) and no learned_embeds.safetensors; pass one file.")
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def _encoder_metadata(concept, name):
+    meta = dict(concept.metadata.get(name, {}))
+    meta.pop("format", None)
+    meta["text_encoder"] = name
+    meta["placeholder_token"] = concept.token
+    meta["tokens"] = json.dumps(placeholder_token_list(concept.token, concept.num_vectors))
+    return meta
+
+
+def _single_file_metadata(concept):
+    meta = _encoder_metadata(concept, "text_encoder")
+    meta["text_encoder"] = "both"
+    meta["norm"] = json.dumps({SINGLE_FILE_KEYS[n]: _norm_or_none(concept.metadata.get(n, {}).get("norm")) for n in concept.vectors})
+    return meta
+
+
+def _save_a1111_pt(path, concept):
+    meta = _encoder_metadata(concept, "text_encoder")
+    step = meta.get("steps", "")
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": concept.vectors["text_encoder"].detach().cpu().contiguous().clone()},
+        "name": concept.token,
+        "step": int(step) if step.isdigit() else 0,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": meta.get("base_model"),
+        "metadata": meta,
+    }
+    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return path
+
+
+def write_single_file(concept, path):
+    """The AUTOMATIC1111/ComfyUI/kohya single file: SDXL {"clip_l", "clip_g"}; SD {"emb_params"} (.safetensors)
+    or {"string_to_param": {"*": ...}, "name", "step"} (.pt)."""
+    if concept.sdxl:
+        tensors = {SINGLE_FILE_KEYS[n]: v for n, v in concept.vectors.items()}
+        return save_embedding_file(path, tensors, _single_file_metadata(concept))
+    if path.lower().endswith(".safetensors"):
+        meta = _encoder_metadata(concept, "text_encoder")
+        meta["name"] = concept.token
+        return save_embedding_file(path, {"emb_params": concept.vectors["text_encoder"]}, meta)
+    return _save_a1111_pt(path, concept)
+
+
+def write_diffusers(concept, output, single_file=False):
+    """diffusers form: a {token: tensor} file (SD, OUTPUT ending in .safetensors/.bin) or a folder with
+    learned_embeds.safetensors (+ learned_embeds_2.safetensors for SDXL; with single_file, also <slug>.safetensors)."""
+    if output.lower().endswith(EMBEDDING_EXTENSIONS):
+        if concept.sdxl:
+            raise DTIError(f"--output {output} is a file, but an SDXL embedding in diffusers form is two files; pass a folder.")
+        return [save_embedding_file(output, {concept.token: concept.vectors["text_encoder"]}, _encoder_metadata(concept, "text_encoder"))]
+    written = []
+    for name, vecs in concept.vectors.items():
+        path = os.path.join(output, DIFFUSERS_FILE_STEMS[name] + ".safetensors")
+        written.append(save_embedding_file(path, {concept.token: vecs}, _encoder_metadata(concept, name)))
+    if single_file and concept.sdxl:
+        written.append(write_single_file(concept, os.path.join(output, embedding_slug(concept.token) + ".safetensors")))
+    return written
+
+
+def write_concept(concept, output, to="diffusers", single_file=False):
+    """Write a concept in the form `to` (diffusers, a1111, comfyui); returns the paths written."""
+    if to not in CONVERT_TARGETS:
+        raise DTIError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}.")
+    if to == "diffusers":
+        return write_diffusers(concept, output, single_file=single_file)
+    if not output.lower().endswith(EMBEDDING_EXTENSIONS):
+        output = os.path.join(output, embedding_slug(concept.token) + ".safetensors")
+    elif output.lower().endswith(".bin"):
+        raise DTIError(f"--output {output}: AUTOMATIC1111 and ComfyUI read .safetensors or .pt; use one of those.")
+    return [write_single_file(concept, output)]
+
+
+def convert_embedding(path, to, output):
+    """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written."""
+    concept = read_concept(path)
+    return write_concept(concept, output, to)
+
+
+# -- slerp --------------------------------------------------------------------------------------------
+
+
+def _row_norms(x):
+    return x.double().norm(dim=-1)
+
+
+def check_slerp_pair(a, b):
+    """Raise DTIError when two concepts cannot be blended; warn when their norms or base models differ."""
+    if set(a.vectors) != set(b.vectors):
+        raise DTIError(f"{a.describe()} but {b.describe()}; slerp needs two embeddings for the same kind of model.")
+    for name in a.vectors:
+        va, vb = a.vectors[name], b.vectors[name]
+        if va.shape[0] != vb.shape[0]:
+            raise DTIError(f"{a.source} has {va.shape[0]} vector(s) but {b.source} has {vb.shape[0]} vector(s)"
+                           f"{' (' + name + ')' if a.sdxl else ''}; slerp needs the same number of vectors in both.")
+        if va.shape[1] != vb.shape[1]:
+            raise DTIError(f"{a.source} has {va.shape[1]}-dim vectors but {b.source} has {vb.shape[1]}-dim ones ({name}); "
+                           f"they were trained for different text encoders and cannot be blended.")
+        for src, v in ((a.source, va), (b.source, vb)):
+            if not torch.isfinite(v).all() or (_row_norms(v) == 0).any():
+                raise DTIError(f"{src} holds a zero or non-finite vector ({name}); it has no direction to interpolate.")
+        if (sphere_angle(va.double(), vb.double()) > math.pi - 1e-4).any():
+            raise DTIError(f"{a.source} and {b.source} have a pair of opposite vectors ({name}); no unique path joins them on the sphere.")
+        na, nb = _row_norms(va), _row_norms(vb)
+        if not torch.allclose(na, nb, rtol=1e-5, atol=0):
+            warnings.warn(
+                f"{a.source} and {b.source} have different norms ({name}: {_fmt_norms(na)} vs {_fmt_norms(nb)}), as a classic "
+                f"textual-inversion file does: the direction is slerped and the norm interpolated linearly.", DTIWarning)
+    bases = [c.metadata.get("text_encoder", {}).get("base_model") for c in (a, b)]
+    if all(bases) and bases[0] != bases[1]:
+        warnings.warn(f"{a.source} was trained on {bases[0]} and {b.source} on {bases[1]}; the blend may not mean much.", DTIWarning)
+
+
+def _fmt_norms(norms):
+    return ", ".join(f"{float(n):.4g}" for n in norms)
+
+
+def slerp_concepts(a, b, alpha, token):
+    """The blend of two concepts at fraction alpha (0 gives a, 1 gives b), per text encoder and per vector:
+    direction by spherical interpolation, norm linearly ((1 - alpha) |a| + alpha |b|; equal norms stay exact).
+    Call check_slerp_pair(a, b) first for the checks and warnings."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
+    vectors, metadata = {}, {}
+    for name in a.vectors:
+        va, vb = a.vectors[name].float(), b.vectors[name].float()
+        if alpha == 0.0:
+            blend = va.clone()
+        elif alpha == 1.0:
+            blend = vb.clone()
+        else:
+            norm = (1.0 - alpha) * _row_norms(va) + alpha * _row_norms(vb)
+            blend = (slerp(va.double(), vb.double(), alpha).double() * norm.unsqueeze(-1)).float()
+        vectors[name] = blend
+        norms = _row_norms(blend)
+        uniform = bool((norms.max() - norms.min()) <= 1e-6 * norms.max())
+        metadata[name] = {
+            "method": "slerp",
+            "dti_version": __version__,
+            "sources": json.dumps([a.source, b.source]),
+            "source_tokens": json.dumps([a.token, b.token]),
+            "alpha": repr(alpha),
+            "norm": repr(float(norms.mean())) if uniform else json.dumps([float(n) for n in norms]),
+        }
+        stated = a.metadata[name].get("norm")
+        if uniform and stated == b.metadata[name].get("norm") and _norm_or_none(stated):
+            if abs(float(norms.mean()) - float(stated)) <= 1e-6 * float(stated):
+                metadata[name]["norm"] = stated  # both inputs state the same m and the blend has it
+        base = a.metadata[name].get("base_model") or b.metadata[name].get("base_model")
+        if base:
+            metadata[name]["base_model"] = base
+    return ConceptEmbedding(token, vectors, metadata, source=None, form="diffusers-folder")
+
+
+def _alpha_folder(output, alpha):
+    return os.path.join(output, f"alpha-{alpha:g}")
+
+
+def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30):
+    """Blend two embeddings (files or training folders, SD or SDXL) at each alpha and write training-style folders:
+    OUTPUT itself for one alpha, OUTPUT/alpha-A for several. With render=MODEL, also OUTPUT/interpolation.png.
+    Returns {"folders": [...], "alphas": [...], "strip": path or None}."""
+    if output.lower().endswith(EMBEDDING_EXTENSIONS):
+        raise DTIError(f"--output {output} looks like a file; slerp writes a folder (like a training output), pass a folder name.")
+    alphas = list(dict.fromkeys(float(x) for x in alphas))
+    if not alphas:
+        raise DTIError("--alpha needs at least one value in [0, 1].")
+    for alpha in alphas:
+        if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
+            raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
+    if render is not None and "{}" not in prompt:
+        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    a, b = read_concept(a_path), read_concept(b_path)
+    if token is None:
+        token = f"<{embedding_slug(a.token)}-{embedding_slug(b.token)}>"
+    _check_token(token)
+    check_slerp_pair(a, b)
+    folders = []
+    for alpha in alphas:
+        folder = output if len(alphas) == 1 else _alpha_folder(output, alpha)
+        write_diffusers(slerp_concepts(a, b, alpha, token), folder, single_file=True)
+        folders.append(folder)
+    strip = None
+    if render is not None:
+        strip = render_interpolation(render, folders, alphas, prompt, seed=seed, steps=steps,
+                                     output_path=os.path.join(output, "interpolation.png"), token=token)
+    return {"folders": folders, "alphas": alphas, "strip": strip}
+
+
+# -- rendering ----------------------------------------------------------------------------------------
+
+
+def strip_label_height(image_height):
+    """Height in pixels of the label band under each image of an interpolation strip."""
+    return max(16, image_height // 12)
+
+
+def interpolation_strip(images, labels):
+    """Images side by side (all resized to the first one's size), each label centred in a white band below."""
+    from PIL import ImageDraw, ImageFont
+
+    if not images:
+        raise DTIError("No images to put in the strip.")
+    w, h = images[0].size
+    band = strip_label_height(h)
+    strip = Image.new("RGB", (w * len(images), h + band), "white")
+    draw = ImageDraw.Draw(strip)
+
+    def font_of(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            return ImageFont.load_default()
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        image = image.convert("RGB")
+        if image.size != (w, h):
+            image = image.resize((w, h))
+        strip.paste(image, (i * w, 0))
+        # The largest font (up to 60% of the band) whose text fits the image width; tiny images get the bare number.
+        for text in (label, label.split()[-1]):
+            for size in range(max(8, int(band * 0.6)), 5, -1):
+                font = font_of(size)
+                left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+                if right - left <= w - 2:
+                    break
+            if right - left <= w - 2:
+                break
+        x = i * w + (w - (right - left)) / 2 - left
+        y = h + (band - (bottom - top)) / 2 - top
+        draw.text((x, y), text, fill="black", font=font)
+    return strip
+
+
+def _load_render_pipeline(model):
+    from diffusers import DiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    except Exception as e:
+        raise DTIError(f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD or SDXL pipeline folder.")
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise DTIError(f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an SD or SDXL pipeline.")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_into_pipeline(pipe, folder, token, model):
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    concept = read_concept(folder)
+    if concept.sdxl != sdxl:
+        raise DTIError(f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for {'SDXL' if concept.sdxl else 'SD'}; "
+                       f"pass the base model they were trained on.")
+    try:
+        if sdxl:
+            pipe.load_textual_inversion(folder, weight_name="learned_embeds.safetensors", token=token,
+                                        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(folder, weight_name="learned_embeds_2.safetensors", token=token,
+                                        text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(folder, token=token)
+    except ValueError as e:
+        raise DTIError(f"The embedding in {folder} does not fit --render {model} ({e}); pass the base model it was trained on.")
+
+
+def render_interpolation(model, folders, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"):
+    """Load the pipeline once, load each blended embedding under its own token, render the prompt with the
+    same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
+    if "{}" not in prompt:
+        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    if steps < 1:
+        raise DTIError(f"--steps must be at least 1, not {steps}.")
+    pipe = _load_render_pipeline(model)
+    base = embedding_slug(token)
+    images = []
+    for i, folder in enumerate(folders):
+        distinct = f"<{base}-alpha{i}>"
+        _load_into_pipeline(pipe, folder, distinct, model)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        images.append(pipe(prompt.replace("{}", distinct), num_inference_steps=steps, generator=generator).images[0])
+    strip = interpolation_strip(images, [f"alpha {alpha:g}" for alpha in alphas])
+    _atomic_write(output_path, lambda tmp: strip.save(tmp, format="PNG"))
+    return output_path
+
+
+# -- inspect ------------------------------------------------------------------------------------------
+
+
+def _input_embedding_weight(model, name):
+    """The text encoder's token embedding matrix (V, dim), float32: read straight from the safetensors of a
+    local pipeline folder when possible, else through transformers (local folder or Hub id)."""
+    folder = os.path.join(model, name)
+    if os.path.isdir(folder):
+        from safetensors import safe_open
+
+        for file in sorted(os.listdir(folder)):
+            if file.endswith(".safetensors"):
+                with safe_open(os.path.join(folder, file), framework="pt") as f:
+                    for key in f.keys():
+                        if key.endswith("token_embedding.weight"):
+                            return f.get_tensor(key).float()
+    elif os.path.isdir(model):
+        raise DTIError(f"--model {model} has no {name} folder; pass a diffusers pipeline folder of the base model.")
+    from transformers import CLIPTextModel
+
+    try:
+        encoder = CLIPTextModel.from_pretrained(model, subfolder=name)
+    except Exception as e:
+        raise DTIError(f"--model {model}: its {name} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
+    return encoder.get_input_embeddings().weight.detach().float()
+
+
+def _load_tokenizer(model, name):
+    from transformers import AutoTokenizer
+
+    sub = "tokenizer" if name == "text_encoder" else "tokenizer_2"
+    try:
+        return AutoTokenizer.from_pretrained(model, subfolder=sub)
+    except Exception as e:
+        raise DTIError(f"--model {model}: its {sub} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
+
+
+def _initializer_rows(tokenizer, weight, initializer, n):
+    """Rows of the initializer's tokens paired with the n vectors, or (None, reason)."""
+    ids = tokenizer.encode(initializer, add_special_tokens=False)
+    if not ids:
+        return None, f"initializer {initializer!r} tokenizes to nothing"
+    if len(ids) == 1:
+        ids = ids * n
+    elif len(ids) != n:
+        return None, f"initializer {initializer!r} has {len(ids)} tokens for {n} vectors"
+    return weight[ids], None
+
+
+def inspect_embedding(path, model=None, k=5):
+    """What an embedding holds, as a dict (the --json output). Per encoder and vector: the norm; with a model,
+    the vocabulary's norm statistics, the norm relative to their mean, the k nearest vocabulary tokens by
+    cosine, and the angle to the initializer named in the metadata."""
+    if k < 1:
+        raise DTIError(f"--k must be at least 1, not {k}.")
+    concept = read_concept(path)
+    tokens = placeholder_token_list(concept.token, concept.num_vectors)
+    report = {"path": path, "form": concept.form, "token": concept.token, "tokens": tokens,
+              "num_vectors": concept.num_vectors, "sdxl": concept.sdxl, "model": model, "encoders": {}}
+    for name, vecs in concept.vectors.items():
+        vecs = vecs.float()
+        meta = concept.metadata.get(name, {})
+        norms = vecs.norm(dim=-1)
+        entry = {"dim": vecs.shape[1], "file_key": SINGLE_FILE_KEYS[name] if concept.form == "sdxl-single-file" else None,
+                 "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i])} for i in range(len(vecs))]}
+        if model is not None:
+            # A learned_embeds_2 file passed alone is read as one encoder; its metadata says which one it is.
+            model_encoder = meta.get("text_encoder") if not concept.sdxl and meta.get("text_encoder") in CONCEPT_ENCODERS else name
+            weight = _input_embedding_weight(model, model_encoder)
+            tokenizer = _load_tokenizer(model, model_encoder)
+            if weight.shape[1] != vecs.shape[1]:
+                raise DTIError(f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has {weight.shape[1]}-dim rows; "
+                               f"pass the base model it was trained on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}.")
+            weight = weight[: min(weight.shape[0], tokenizer.vocab_size)]  # the base vocabulary, no added tokens
+            stats = vocabulary_norm_stats(weight)
+            entry["vocabulary"] = {"size": weight.shape[0], **stats}
+            sims = retract(vecs) @ retract(weight).T
+            top = sims.topk(min(k, weight.shape[0]), dim=-1)
+            init_rows, init_note = None, None
+            initializer = meta.get("initializer_token")
+            if initializer:
+                init_rows, init_note = _initializer_rows(tokenizer, weight, initializer, len(vecs))
+                entry["initializer_token"] = initializer
+                if init_note:
+                    entry["initializer_note"] = init_note
+            angles = torch.rad2deg(sphere_angle(vecs, init_rows)) if init_rows is not None else None
+            for i, item in enumerate(entry["vectors"]):
+                item["norm_to_vocab_mean"] = item["norm"] / stats["mean"]
+                item["nearest"] = [
+                    {"token": tokenizer.convert_ids_to_tokens(int(j)).replace("</w>", ""), "id": int(j), "cosine": float(c)}
+                    for c, j in zip(top.values[i], top.indices[i])
+                ]
+                item["angle_to_initializer_deg"] = float(angles[i]) if angles is not None else None
+        report["encoders"][name] = entry
+    return report
+
+
+def format_inspection(report):
+    """The human-readable text of an inspect_embedding() report."""
+    lines = [f"{report['token']}: {report['num_vectors']} vector(s), {'SDXL' if report['sdxl'] else 'SD'}, "
+             f"{report['form']} form, from {report['path']}"]
+    for name, entry in report["encoders"].items():
+        meta = entry["metadata"]
+        head = f"{name}{' (' + entry['file_key'] + ')' if entry.get('file_key') else ''}: dim {entry['dim']}"
+        if meta.get("method"):
+            head += f", method {meta['method']}"
+        if meta.get("norm"):
+            head += f", norm in metadata {meta['norm']}"
+        lines.append(head)
+        vocab = entry.get("vocabulary")
+        if vocab:
+            lines.append(f"  vocabulary norms ({vocab['size']} rows): mean {vocab['mean']:.4f}, min {vocab['min']:.4f}, max {vocab['max']:.4f}")
+        if entry.get("initializer_note"):
+            lines.append(f"  no angle to the initializer: {entry['initializer_note']}")
+        for item in entry["vectors"]:
+            text = f"  [{item['index']}] {item['token']}: norm {item['norm']:.4f}"
+            if "norm_to_vocab_mean" in item:
+                text += f" ({item['norm_to_vocab_mean']:.2f}x vocabulary mean)"
+            if item.get("angle_to_initializer_deg") is not None:
+                text += f", {item['angle_to_initializer_deg']:.1f} deg from initializer {entry['initializer_token']!r}"
+            lines.append(text)
+            if item.get("nearest"):
+                lines.append("      nearest: " + ", ".join(f"{n['token']} ({n['cosine']:.3f})" for n in item["nearest"]))
+    first = next(iter(report["encoders"].values()))["metadata"]
+    shown = {k: v for k, v in first.items() if k not in ("format",)}
+    if shown:
+        lines.append("metadata: " + "; ".join(f"{k}={v}" for k, v in shown.items()))
+    if report["model"] is None:
+        base = first.get("base_model")
+        lines.append(f"Pass --model {base or 'BASE_MODEL'} for vocabulary norms, nearest tokens and the angle to the initializer.")
+    return "\n".join(lines)
+
+
+# -- training curves ----------------------------------------------------------------------------------
+
+
+def plot_training_curves(history, path):
+    """Write a PNG with three panels against the step: loss, norm, angle from the initializer (degrees).
+
+    history: a list of (step, loss, norm, angle_deg). Drawn with matplotlib's Agg canvas (no display and no
+    change to pyplot's global backend). Returns path, or None when history is empty (nothing is written).
+    """
+    rows = [tuple(float(x) if x is not None else float("nan") for x in entry[:4]) for entry in history]
+    if not rows:
+        logger.warning(f"No training history to plot; {path} was not written.")
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DTIError("matplotlib is needed to plot training curves; pip install matplotlib.")
+    steps, loss, norm, angle = zip(*rows)
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    marker = "." if len(rows) <= 60 else None
+    for ax, values, title, ylabel in zip(fig.subplots(1, 3), (loss, norm, angle),
+                                         ("loss", "embedding norm", "angle from initializer"), ("loss", "L2 norm", "degrees")):
+        ax.plot(steps, values, marker=marker, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        finite = [v for v in values if math.isfinite(v)]
+        if ylabel == "L2 norm" and finite and max(finite) - min(finite) < 1e-3 * max(finite):
+            # A fixed DTI norm: show it flat at its value, not float32 round-off magnified to fill the axis.
+            ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
+            ax.ticklabel_format(axis="y", useOffset=False)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def build_concept_parser():
+    parser = argparse.ArgumentParser(
+        prog="dti_utils.py",
+        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("slerp", help="blend two embeddings on the sphere", description=(
+        "Blend two embeddings (files or training output folders, SD or SDXL): the direction by spherical interpolation, "
+        "the norm linearly (DTI embeddings share the norm m, so blends keep it exactly). Writes training-style folders "
+        "that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, OUTPUT/alpha-A for several."))
+    p.add_argument("a", metavar="A", help="First embedding (alpha 0): file or training output folder.")
+    p.add_argument("b", metavar="B", help="Second embedding (alpha 1).")
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="Fractions in [0, 1] (several give one folder each). Default 0.5.")
+    p.add_argument("--token", default=None, help="Token of the blend, e.g. '<mix>'. Default: '<A-B>' from the inputs' tokens.")
+    p.add_argument("--output", required=True, help="Output folder.")
+    p.add_argument("--render", metavar="MODEL", default=None, help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png.")
+    p.add_argument("--prompt", default="a photo of {}", help="Prompt for --render; {} is replaced by the token. Default 'a photo of {}'.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for --render, the same for every alpha. Default 0.")
+    p.add_argument("--steps", type=int, default=30, help="Inference steps for --render. Default 30.")
+
+    p = sub.add_parser("inspect", help="norms, nearest tokens, angle to the initializer", description=(
+        "Show what an embedding holds: each vector's norm and the file's metadata; with --model also the vocabulary's "
+        "norm statistics, the norm relative to their mean, the k nearest vocabulary tokens and the angle to the initializer."))
+    p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
+    p.add_argument("--model", default=None, help="Base model (diffusers folder or Hub id) for vocabulary comparisons.")
+    p.add_argument("--k", type=int, default=5, help="Nearest tokens per vector. Default 5.")
+    p.add_argument("--json", action="store_true", help="Print machine-readable JSON only.")
+
+    p = sub.add_parser("convert", help="convert between diffusers, AUTOMATIC1111 and ComfyUI forms", description=(
+        "Convert an embedding (form detected automatically) to: diffusers ({token: tensor} file for SD, or a folder with "
+        "learned_embeds[_2].safetensors), a1111 / comfyui (SD: emb_params .safetensors, or string_to_param .pt; "
+        "SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder. Tensors are copied bit for bit."))
+    p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
+    p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
+    p.add_argument("--output", required=True, help="Output file (.safetensors, .pt; .bin for diffusers) or folder.")
+    return parser
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    """`python dti_utils.py slerp|inspect|convert ...`: 0 on success; a DTIError prints `error: ...` and gives 2."""
+    args = build_concept_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DTIWarning)
+        warnings.showwarning = _print_warning
+        try:
+            if args.command == "slerp":
+                result = slerp_embeddings(args.a, args.b, args.alpha, args.output, token=args.token, render=args.render,
+                                          prompt=args.prompt, seed=args.seed, steps=args.steps)
+                for alpha, folder in zip(result["alphas"], result["folders"]):
+                    print(f"alpha {alpha:g}: {folder}")
+                if result["strip"]:
+                    print(f"interpolation strip: {result['strip']}")
+            elif args.command == "inspect":
+                report = inspect_embedding(args.emb, model=args.model, k=args.k)
+                print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+            elif args.command == "convert":
+                for path in convert_embedding(args.emb, args.to, args.output):
+                    print(f"wrote {path}")
+        except DTIError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Directional Textual Inversion for SDXL, on both text encoders: a drop-in for diffusers' textual_inversion_sdxl.py.
+r"""Directional Textual Inversion for SDXL, on both text encoders: a drop-in for diffusers' textual_inversion_sdxl.py.
 
     accelerate launch train_directional_textual_inversion_sdxl.py \
       --train_data_dir ./cat_toy --placeholder_token "<cat-toy>" --initializer_token toy \
@@ -12,7 +12,6 @@ learned_embeds.safetensors (text_encoder), learned_embeds_2.safetensors (text_en
 """
 
 import argparse
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -27,6 +26,7 @@ from dti_utils import (
     build_views,
     check_args,
     diffusion_loss,
+    embedding_slug,
     freeze_models,
     load_training_images,
     resolve_tokens,
@@ -57,11 +57,6 @@ def load_tokenizers(args):
                 for sub in ("tokenizer", "tokenizer_2")]
     except OSError as e:
         raise DTIError(f"Could not load the two tokenizers of {args.pretrained_model_name_or_path!r} ({e}); pass an SDXL diffusers folder or Hub id.")
-
-
-def single_file_stem(placeholder_token):
-    """AUTOMATIC1111 and ComfyUI use the file name as the prompt word: '<cat-toy>' -> 'cat-toy'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "", placeholder_token).strip("._-") or "embedding"
 
 
 def resized_shorter_side(image, resolution):
@@ -150,7 +145,7 @@ def main(args):
         )
 
     trainer = DTITrainer(accelerator, args, concepts, tokenizers, data, compute_loss, make_pipeline, weight_dtype,
-                         combined_file=(single_file_stem(args.placeholder_token), ["clip_l", "clip_g"]))
+                         combined_file=(embedding_slug(args.placeholder_token), ["clip_l", "clip_g"]))
     trainer.fit()
     trainer.finish()
 
