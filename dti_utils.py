@@ -774,7 +774,11 @@ def setup_accelerator(args, project_name):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
+    # Under torchrun/accelerate launch on a machine without a GPU, accelerate forms a gloo group only with cpu=True.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=launched and not has_accelerator,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
