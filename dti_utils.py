@@ -127,6 +127,15 @@ class RiemannianSGD(torch.optim.Optimizer):
         """Use mu (rows, any norm) as the prior direction of parameter p instead of its initial value."""
         self.state[p]["prior"] = retract(mu.detach().float().to(p.device)).clone()
 
+    def load_state_dict(self, state_dict):
+        # torch casts floating state to each parameter's dtype; DTI keeps its state float32 whatever the parameter.
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                self.state[p][key] = value.detach().float().to(p.device).clone()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -426,6 +435,8 @@ def _open_rgb(image, name):
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as e:
         raise DTIError(f"Image {name} is corrupt or truncated ({e}); remove or replace it.")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: scale to 8 bits, convert() would clip
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "P", "PA"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -830,10 +841,10 @@ def add_concept(args, tokenizer, text_encoder, tokens, init_ids, name="text_enco
     return LearnedVectors(text_encoder, tokens, token_ids, init_ids, original_vocab_size, mode=mode, norm=norm, name=name, file_stem=file_stem)
 
 
-def run_main(main, args):
-    """Run a script's main(): a DTIError becomes one line on stderr and exit code 2."""
+def run_main(main, parse_args):
+    """Parse the flags and run a script's main(): a DTIError becomes one line on stderr and exit code 2."""
     try:
-        return main(args)
+        return main(parse_args())
     except DTIError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Directional Textual Inversion for Stable Diffusion 1.x/2.x: a drop-in for diffusers' textual_inversion.py.
+r"""Directional Textual Inversion for Stable Diffusion 1.x/2.x: a drop-in for diffusers' textual_inversion.py.
 
     accelerate launch train_directional_textual_inversion.py \
       --train_data_dir ./cat_toy --placeholder_token "<cat-toy>" --initializer_token toy \
@@ -106,4 +106,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, parse_args)

@@ -158,4 +158,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, parse_args)

@@ -584,7 +584,7 @@ _RANK_WRAPPER = textwrap.dedent("""
     dti_utils.DTITrainer.finish = finish
     import train_directional_textual_inversion_sdxl as m
 
-    m.run_main(m.main, m.parse_args(sys.argv[1:]))
+    m.run_main(m.main, m.parse_args)
 """)
 
 

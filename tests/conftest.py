@@ -1,0 +1,208 @@
+"""Shared fixtures: a tiny random SD pipeline and example images built offline, and helpers that run the
+training script in-process (fast) or through its real entry point (a subprocess).
+
+Nothing here may reach the Hugging Face Hub: the offline switches are set before any HF library is imported.
+"""
+
+import os
+import subprocess
+import sys
+
+# -- Offline and quiet, for this process and every subprocess it starts (set before any HF import). --
+_OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
+os.environ.update(_OFFLINE_ENV)
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+    os.environ.pop(_var, None)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS_DIR = os.path.join(REPO_ROOT, "tools")
+SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion.py")
+for _path in (TOOLS_DIR, REPO_ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+PLACEHOLDER = "<toy-dti>"
+
+
+def token_embedding_of(state):
+    """The token embedding matrix in a CLIP text encoder state dict (the key's prefix varies by transformers version)."""
+    keys = [k for k in state if k.endswith("embeddings.token_embedding.weight")]
+    assert len(keys) == 1, sorted(state)
+    return state[keys[0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Session fixtures: the tiny pipeline and images
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """Folder of a tiny random StableDiffusionPipeline (CLIP vocab of a few hundred tokens, dim 32)."""
+    from make_tiny_pipeline import make_tiny_sd
+
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def example_images(tmp_path_factory):
+    """Folder with four small RGB PNGs."""
+    from make_tiny_pipeline import make_example_images
+
+    folder = str(tmp_path_factory.mktemp("data") / "images")
+    make_example_images(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base_vocab(tiny_sd):
+    """The base text encoder's token embedding, read straight from its safetensors file (float64 numpy),
+    with the reference statistics computed independently of dti_utils."""
+    from safetensors.numpy import load_file
+
+    weight = token_embedding_of(load_file(os.path.join(tiny_sd, "text_encoder", "model.safetensors"))).astype(np.float64)
+    norms = np.sqrt((weight * weight).sum(axis=1))
+    nonzero = norms[norms > 0]
+    return {
+        "weight": weight,
+        "vocab_size": weight.shape[0],
+        "mean": float(nonzero.mean()),
+        "min": float(nonzero.min()),
+        "max": float(nonzero.max()),
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_sd):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the script
+# ----------------------------------------------------------------------------------------------------
+
+
+def sd_argv(pipeline, data, out, *extra, steps=4, seed=0):
+    """Small, fast flags for the SD script; later flags in `extra` override these (argparse keeps the last).
+    seed=None leaves --seed out (the script then draws one and stores it in checkpoints)."""
+    argv = [
+        "--pretrained_model_name_or_path", str(pipeline),
+        "--train_data_dir", str(data),
+        "--output_dir", str(out),
+        "--placeholder_token", PLACEHOLDER,
+        "--initializer_token", "toy",
+        "--resolution", "32",
+        "--train_batch_size", "1",
+        "--repeats", "2",
+        "--max_train_steps", str(steps),
+        "--report_to", "none",
+        "--num_validation_images", "1",
+        "--num_validation_inference_steps", "2",
+        "--validation_steps", "1000",
+        "--checkpointing_steps", "1000",
+        "--save_steps", "1000",
+    ]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    return argv + [str(a) for a in extra]
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_module():
+    import train_directional_textual_inversion
+
+    return train_directional_textual_inversion
+
+
+def run_inprocess(argv):
+    """main(parse_args(argv)) in this process (no entry-point error handling); returns main's result."""
+    module = train_module()
+    try:
+        return module.main(module.parse_args(list(argv)))
+    finally:
+        _reset_accelerate()
+
+
+def run_cli_inprocess(argv):
+    """What the real entry point does, `run_main(main, parse_args)`, in this process: the exit code."""
+    module = train_module()
+    try:
+        module.run_main(module.main, lambda: module.parse_args(list(argv)))
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        _reset_accelerate()
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ)
+    env.update(_OFFLINE_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+def run_script(argv, timeout=240, cwd=None, env=None):
+    """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *[str(a) for a in argv]],
+        cwd=cwd or REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def read_embeds(path):
+    """(tensors, metadata) of a safetensors file, read with safetensors itself (not dti_utils)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def training_outputs(out):
+    """The training outputs that must exist exactly once: embedding files, checkpoints, leftover temporary files
+    (other artefacts such as plots, logs or validation images are left to the tests that check them)."""
+    return sorted(n for n in os.listdir(out) if n.startswith(("learned_embeds", "checkpoint-", ".tmp-")))
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def sd_args(tiny_sd, example_images, tmp_path):
+    """sd_args(*extra, steps=4, out=None) -> argv for a small run writing to tmp_path/'out' by default."""
+
+    def make(*extra, steps=4, out=None, data=None, seed=0):
+        return sd_argv(tiny_sd, data or example_images, out or (tmp_path / "out"), *extra, steps=steps, seed=seed)
+
+    return make

@@ -1,0 +1,104 @@
+"""Two processes on CPU (torchrun, gloo): one set of files, and the same embedding on every rank."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PLACEHOLDER, REPO_ROOT, SCRIPT, read_embeds, sd_argv, subprocess_env, training_outputs
+
+# Runs the real script's entry point, and after training has every rank dump its own vectors to a rank file.
+WRAPPER = textwrap.dedent(
+    """
+    import os, runpy, sys
+    import torch
+    import dti_utils
+
+    dump_dir = os.environ["DTI_TEST_DUMP_DIR"]
+    original_finish = dti_utils.DTITrainer.finish
+
+    def finish(self):
+        files = original_finish(self)
+        torch.save(
+            {
+                "rank": self.accelerator.process_index,
+                "world": self.accelerator.num_processes,
+                "backend": str(getattr(self.accelerator.state, "backend", "")),
+                "step": self.global_step,
+                "params": [c.param.detach().float().cpu().clone() for c in self.concepts],
+                "vectors": [c.vectors().detach().float().cpu().clone() for c in self.concepts],
+                "effective_lr": self.effective_lr,
+            },
+            os.path.join(dump_dir, f"rank{self.accelerator.process_index}.pt"),
+        )
+        return files
+
+    dti_utils.DTITrainer.finish = finish
+    script = os.environ["DTI_TEST_SCRIPT"]
+    sys.argv = [script] + sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
+    """
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.subprocess
+def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_vocab, tokenizer):
+    out, dumps = tmp_path / "out", tmp_path / "dumps"
+    dumps.mkdir()
+    wrapper = tmp_path / "run_dti.py"
+    wrapper.write_text(WRAPPER)
+    argv = sd_argv(tiny_sd, example_images, out, "--save_steps", "2", "--checkpointing_steps", "2", steps=4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(wrapper), *argv]
+    # Plain torchrun as users type it: no `accelerate launch --cpu` (ACCELERATE_USE_CPU); the script must pick gloo itself.
+    env = subprocess_env(OMP_NUM_THREADS="1", DTI_TEST_DUMP_DIR=str(dumps), DTI_TEST_SCRIPT=SCRIPT)
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+
+    # One set of files, written once (rank 0), nothing half-written or duplicated.
+    assert training_outputs(out) == [
+        "checkpoint-2", "checkpoint-4", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors", "learned_embeds.safetensors",
+    ]
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        assert os.listdir(out / ckpt) == ["training_state.pt"]
+
+    # Every rank ran with two processes and ends with the same vectors, equal to the saved file.
+    ranks = [torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(os.listdir(dumps)) == ["rank0.pt", "rank1.pt"]
+    assert [d["rank"] for d in ranks] == [0, 1]
+    # Both processes joined one gloo group (otherwise each trains alone as rank 0 of 1 and both write the files).
+    assert all(d["world"] == 2 and d["step"] == 4 for d in ranks), [(d["rank"], d["world"]) for d in ranks]
+    assert all(d["backend"] == "gloo" for d in ranks)
+    assert torch.equal(ranks[0]["params"][0], ranks[1]["params"][0])
+    assert torch.equal(ranks[0]["vectors"][0], ranks[1]["vectors"][0])
+    tensors, meta = read_embeds(out / "learned_embeds.safetensors")
+    assert torch.equal(tensors[PLACEHOLDER], ranks[0]["vectors"][0])
+    assert meta["steps"] == "4"
+    np.testing.assert_allclose(np.linalg.norm(tensors[PLACEHOLDER].double().numpy(), axis=-1), base_vocab["mean"], rtol=1e-5)
+
+    # --scale_lr counts the processes: 0.01 x batch 1 x accumulation 1 x 2 processes.
+    assert ranks[0]["effective_lr"] == pytest.approx(0.02)
+    init = base_vocab["weight"][tokenizer.get_vocab()["toy</w>"]]
+    v = tensors[PLACEHOLDER].double().numpy()[0]
+    cos = v @ init / (np.linalg.norm(v) * np.linalg.norm(init))
+    angle = np.arccos(np.clip(cos, -1, 1))
+    assert 1e-3 < angle <= 4 * 0.02 + 1e-4
+
+    # The checkpoint records the two-process layout and the same vectors.
+    state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
+    assert state["layout"] == [2, 1, 1]
+    assert torch.equal(state["params"][0], ranks[0]["params"][0])
+
