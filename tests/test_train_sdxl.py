@@ -677,3 +677,40 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
     for v, (i, mirrored, crop) in enumerate(keys):
         assert not mirrored
         assert torch.equal(views[v], dti_utils.image_to_tensor(_crop(resized[i], crop)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. The concept tools on a real SDXL training output
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_concept_tools_on_sdxl_training_output(e2e_run, trained, vocab_means, tiny_sdxl, tmp_path, capsys):
+    import json
+
+    import dti_utils
+
+    out, _ = e2e_run
+    # slerp between the final single file and the step-2 snapshot: per-encoder norms stay at each encoder's m
+    assert dti_utils.main(["slerp", str(out / "toy.safetensors"), str(out / "toy-steps-2.safetensors"),
+                           "--alpha", "0.5", "--token", "<mix>", "--output", str(tmp_path / "mix")]) == 0
+    blended = [read_embeds(tmp_path / "mix" / f"{stem}.safetensors")[0]["<mix>"] for stem in ("learned_embeds", "learned_embeds_2")]
+    for vectors, expected in zip(blended, vocab_means):
+        assert torch.allclose(vectors.norm(dim=-1).double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
+    pipe = fresh_pipeline(tiny_sdxl)
+    for stem, encoder, tokenizer in (("learned_embeds", pipe.text_encoder, pipe.tokenizer), ("learned_embeds_2", pipe.text_encoder_2, pipe.tokenizer_2)):
+        pipe.load_textual_inversion(str(tmp_path / "mix"), weight_name=f"{stem}.safetensors", token="<mix>", text_encoder=encoder, tokenizer=tokenizer)
+    assert pipe("a photo of <mix>", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+    # inspect: both encoders, each at 1.0x its own vocabulary mean
+    capsys.readouterr()
+    assert dti_utils.main(["inspect", str(out), "--model", str(tiny_sdxl), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sdxl"] is True and set(report["encoders"]) == {"text_encoder", "text_encoder_2"}
+    for name in ("text_encoder", "text_encoder_2"):
+        assert abs(report["encoders"][name]["vectors"][0]["norm_to_vocab_mean"] - 1.0) < 1e-5
+
+    # convert: folder -> single clip_l/clip_g file -> folder is bit-exact
+    assert dti_utils.main(["convert", str(out), "--to", "comfyui", "--output", str(tmp_path / "toy.safetensors")]) == 0
+    assert dti_utils.main(["convert", str(tmp_path / "toy.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "back")]) == 0
+    back = [read_embeds(tmp_path / "back" / f"{stem}.safetensors")[0][TOKEN] for stem in ("learned_embeds", "learned_embeds_2")]
+    assert all(torch.equal(a, b) for a, b in zip(back, trained))
