@@ -1,0 +1,114 @@
+"""Each speed-up leaves the math unchanged: cached latents, prompts tokenized once, placeholder rows only."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dti_utils
+from dti_utils import LearnedVectors, TrainingData, build_views, diffusion_loss, prompt_templates, step_generator
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").requires_grad_(False),
+        "vae": AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae").requires_grad_(False),
+        "unet": UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").requires_grad_(False),
+        "scheduler": DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler"),
+    }
+
+
+@pytest.fixture(scope="module")
+def data(models, example_images):
+    images = [dti_utils.square_view(img, 32) for img in dti_utils.load_training_images(example_images)]
+    views, view_index, _ = build_views(images, lambda image, crop: image, lambda image: [None], flip=True)
+    built = TrainingData.build(views, view_index, models["vae"], [models["tokenizer"]], "toy", "object", repeats=3, flip_p=0.5, seed=7, device="cpu")
+    return built, views, images
+
+
+def test_cached_latents_equal_encoding_every_step(models, data):
+    """A step's latent sampled from the cached distribution equals encoding the view anew and sampling."""
+    built, views, _ = data
+    vae = models["vae"]
+    for step in range(3):
+        batch = built.batch(step, batch_size=4, num_processes=1, rank=0)
+        view_ids = [int(torch.nonzero((built.latent_means == m).flatten(1).all(1))[0]) for m in batch["mean"]]
+        pixels = torch.stack([views[i] for i in view_ids])
+        fresh = vae.encode(pixels).latent_dist.sample(generator=step_generator(7, step, 0, "cpu"))
+        g = step_generator(7, step, 0, "cpu")
+        cached = batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)
+        torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_flip_views_are_the_mirrored_images(data):
+    built, views, images = data
+    for i, image in enumerate(images):
+        plain, mirrored = views[int(built.view_index[i, 0, 0])], views[int(built.view_index[i, 1, 0])]
+        assert torch.equal(mirrored, plain.flip(-1))
+        assert torch.equal(plain, dti_utils.image_to_tensor(image))
+
+
+def test_prompts_tokenized_once_equal_tokenizing_each_step(models, data):
+    built, _, _ = data
+    tokenizer = models["tokenizer"]
+    for i, template in enumerate(prompt_templates("object")):
+        ids = tokenizer(template.format("toy"), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        assert torch.equal(built.prompt_ids[0][i], ids)
+
+
+def test_diffusion_loss_equals_the_encode_every_step_reference(models, data):
+    """The loss from cached latents equals diffusers' per-step recipe (encode, sample, noise, timesteps, MSE)."""
+    built, views, _ = data
+    vae, unet, scheduler, text_encoder = models["vae"], models["unet"], models["scheduler"], models["text_encoder"]
+    batch = built.batch(0, batch_size=2, num_processes=1, rank=0)
+    hidden = text_encoder(batch["input_ids"][0])[0]
+    ours = diffusion_loss(unet, scheduler, batch, hidden, step_generator(7, 0, 0, "cpu"), vae.config.scaling_factor, torch.float32)
+
+    view_ids = [int(torch.nonzero((built.latent_means == m).flatten(1).all(1))[0]) for m in batch["mean"]]
+    g = step_generator(7, 0, 0, "cpu")
+    latents = vae.encode(torch.stack([views[i] for i in view_ids])).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+    reference = F.mse_loss(pred, noise)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_placeholder_rows_only_equal_training_the_whole_matrix(tiny_sd):
+    """The hook's loss and gradient equal diffusers' way: the whole embedding matrix trainable, rows read back."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def setup():
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").requires_grad_(False)
+        tokens, init_ids = dti_utils.resolve_tokens(tokenizer, "<t>", "toy", 2)
+        ids = dti_utils.add_placeholder_tokens(tokenizer, encoder, tokens)
+        prompt = tokenizer("a photo of <t> <t>_1 with a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return tokenizer, encoder, tokens, ids, init_ids, prompt
+
+    target = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
+
+    _, encoder, tokens, ids, init_ids, prompt = setup()
+    original = encoder.get_input_embeddings().weight.detach().clone()
+    concept = LearnedVectors(encoder, tokens, ids, init_ids, len(original) - 2, mode="ti")
+    loss_hook = F.mse_loss(encoder(prompt)[0], target)
+    loss_hook.backward()
+    assert torch.equal(encoder.get_input_embeddings().weight, original)  # the matrix itself is untouched
+
+    _, encoder2, _, ids2, init_ids2, prompt2 = setup()
+    weight = encoder2.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids2] = weight[init_ids2]  # diffusers initializes the new rows from the initializer
+    weight.requires_grad_(True)
+    loss_full = F.mse_loss(encoder2(prompt2)[0], target)
+    loss_full.backward()
+
+    torch.testing.assert_close(loss_hook, loss_full, rtol=0, atol=0)
+    torch.testing.assert_close(concept.param.grad, weight.grad[ids2], rtol=1e-6, atol=1e-9)
+    assert weight.grad[: len(original) - 2].abs().sum() > 0  # the dense path computes 600+ rows of gradient for nothing
