@@ -16,32 +16,17 @@ import subprocess
 import sys
 import textwrap
 
-# -- Offline for this process and every subprocess (before any HF import); own paths (no conftest reliance). --
-_OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DIFFUSERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_MODE": "disabled",
-}
-os.environ.update(_OFFLINE_ENV)
+import numpy as np
+import pytest
+import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS_DIR = os.path.join(REPO_ROOT, "tools")
+# conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
+from conftest import REPO_ROOT, _reset_accelerate, read_embeds, subprocess_env
+
+import dti_utils
+import train_directional_textual_inversion_sdxl as sdxl
+
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
-for _path in (TOOLS_DIR, REPO_ROOT):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import dti_utils  # noqa: E402
-import train_directional_textual_inversion_sdxl as sdxl  # noqa: E402
 
 TOKEN = "<toy>"
 STEM = "toy"  # single-file name for "<toy>"
@@ -53,17 +38,6 @@ IMAGE_SIZES = [(64 + 8 * i, 64) for i in range(4)]  # (width, height) written by
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def subprocess_env(**extra):
-    env = dict(os.environ)
-    env.update(_OFFLINE_ENV)
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
-        env.pop(var, None)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
 
 
 def sdxl_argv(pipeline, data, out, *extra, steps=4):
@@ -90,13 +64,6 @@ def sdxl_argv(pipeline, data, out, *extra, steps=4):
     ]
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def run_inprocess(argv, monkeypatch_batch=None):
     """sdxl.main(sdxl.parse_args(argv)) in this process; returns the DTITrainer (captured at finish())."""
     captured = []
@@ -116,14 +83,6 @@ def run_inprocess(argv, monkeypatch_batch=None):
             _reset_accelerate()
     assert len(captured) == 1
     return captured[0]
-
-
-def read_embeds(path):
-    """(tensors, metadata) of a safetensors file, read with safetensors itself."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def token_embedding(pipeline_dir, subfolder):
