@@ -25,6 +25,7 @@ from dti_utils import (
     add_training_args,
     build_views,
     check_args,
+    compile_for_training,
     diffusion_loss,
     freeze_models,
     load_training_images,
@@ -72,6 +73,7 @@ def main(args):
     vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant)
     unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant)
     freeze_models(args, accelerator, weight_dtype, unet, vae, [text_encoder])
+    train_unet = compile_for_training(args, unet)
 
     # -- 2. Add the placeholder tokens; only their vectors are trainable --
     concept = add_concept(args, tokenizer, text_encoder, tokens, init_ids)
@@ -85,7 +87,7 @@ def main(args):
     # -- 4. Train --
     def compute_loss(batch, generator):
         encoder_hidden_states = text_encoder(batch["input_ids"][0])[0]
-        return diffusion_loss(unet, noise_scheduler, batch, encoder_hidden_states, generator, vae.config.scaling_factor, weight_dtype)
+        return diffusion_loss(train_unet, noise_scheduler, batch, encoder_hidden_states, generator, vae.config.scaling_factor, weight_dtype)
 
     def make_pipeline():
         return StableDiffusionPipeline(

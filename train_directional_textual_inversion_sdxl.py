@@ -25,6 +25,7 @@ from dti_utils import (
     add_training_args,
     build_views,
     check_args,
+    compile_for_training,
     diffusion_loss,
     embedding_slug,
     freeze_models,
@@ -109,6 +110,7 @@ def main(args):
     vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant)
     unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant)
     freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders)
+    train_unet = compile_for_training(args, unet)
 
     # -- 2. Add the placeholder tokens to both encoders; each has its own norm and prior --
     concepts = [
@@ -135,7 +137,7 @@ def main(args):
     def compute_loss(batch, generator):
         hidden, pooled = encode_prompt(text_encoders, batch["input_ids"])
         added_cond_kwargs = {"text_embeds": pooled.to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
-        return diffusion_loss(unet, noise_scheduler, batch, hidden, generator, vae.config.scaling_factor, weight_dtype,
+        return diffusion_loss(train_unet, noise_scheduler, batch, hidden, generator, vae.config.scaling_factor, weight_dtype,
                               shift_factor=getattr(vae.config, "shift_factor", None), added_cond_kwargs=added_cond_kwargs)
 
     def make_pipeline():

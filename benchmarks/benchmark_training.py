@@ -1,0 +1,365 @@
+#!/usr/bin/env python
+"""Step time and memory of DTI training against diffusers' textual-inversion recipe, on one GPU, offline.
+
+Full-size SD1.5 or SDXL architectures are built from the configs below with random weights (step time does
+not depend on weight values), saved to a work folder, and trained on generated images. In one process:
+
+  (a) reference: what diffusers' textual_inversion.py does each step: a PIL dataset decoding, resizing and
+      flipping images through a DataLoader and tokenizing there, VAE encode every step, the whole
+      vocabulary matrix trainable with AdamW, frozen rows copied back, the loss read back every step;
+  (b) this project: the training script's own main(), whose DTITrainer.fit is replaced by a timer around
+      the real DTITrainer.train_step, so the timed code is the code users run.
+
+Then, optionally, both end to end as fresh processes for --e2e_steps steps, start-up included.
+
+    python benchmarks/benchmark_training.py --model sd15 --mixed_precision bf16 --e2e_steps 400
+    python benchmarks/benchmark_training.py --model sd15 --compile
+    python benchmarks/benchmark_training.py --model sdxl --resolution 1024 --batch 1
+    python benchmarks/benchmark_training.py --tiny            # CPU, tiny configs: keeps this file working in CI
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=64,
+)
+SDXL_UNET = dict(
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], in_channels=4, out_channels=4,
+    layers_per_block=2, norm_num_groups=32, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+)
+VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    norm_num_groups=32,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu",
+              projection_dim=768, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
+              projection_dim=1280, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def build_pipeline(model, tiny, folder):
+    """Write a random-weight pipeline of the real architecture (or a tiny one) to `folder`."""
+    import make_tiny_pipeline as tiny_tools
+
+    if tiny:
+        (tiny_tools.make_tiny_sdxl if model == "sdxl" else tiny_tools.make_tiny_sd)(folder)
+        return folder
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU is seconds, not minutes
+        if model == "sdxl":
+            parts = dict(
+                unet=UNet2DConditionModel(**SDXL_UNET), vae=AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=True, sample_size=1024),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)), text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
+            )
+        else:
+            parts = dict(unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**VAE, scaling_factor=0.18215, sample_size=512),
+                         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)))
+    parts = {k: v.half() for k, v in parts.items()}  # halves the write; the scripts cast what they load
+    scheduler_args = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    if model == "sdxl":
+        tokenizers = dict(tokenizer=tiny_tools.tiny_clip_tokenizer(), tokenizer_2=tiny_tools.tiny_clip_tokenizer())
+        pipe = StableDiffusionXLPipeline(**parts, **tokenizers, scheduler=EulerDiscreteScheduler(**scheduler_args))
+    else:
+        pipe = StableDiffusionPipeline(**parts, tokenizer=tiny_tools.tiny_clip_tokenizer(), scheduler=DDPMScheduler(**scheduler_args),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def cuda_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class StepTimer:
+    """Per-step wall times from CUDA events (no host sync inside the timed loop), or perf_counter on CPU."""
+
+    def __init__(self):
+        self.marks = []
+
+    def mark(self):
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def median_ms(self):
+        cuda_sync()
+        if torch.cuda.is_available():
+            times = [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            times = [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------------
+# (a) The reference: diffusers' textual_inversion(_sdxl).py step, reproduced
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_run(args, folder, images_dir, steps, warmup):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from dti_utils import imagenet_templates_small
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    sdxl = args.model == "sdxl"
+    subs = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if sdxl else [])
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=t) for t, _ in subs]
+    encoders = [(CLIPTextModelWithProjection if e == "text_encoder_2" else CLIPTextModel).from_pretrained(folder, subfolder=e, torch_dtype=torch.float32) for _, e in subs]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if sdxl else dtype).to(device).requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).to(device).requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    params, keep_rows = [], []
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        tokenizer.add_tokens(["<ref>"])
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[-1] = weight[tokenizer.encode("toy", add_special_tokens=False)[0]]
+        encoder.requires_grad_(False).to(device)
+        weight.requires_grad_(True)  # the whole vocabulary matrix trains, as in diffusers
+        params.append(weight)
+        keep = torch.ones(len(tokenizer), dtype=torch.bool, device=device)
+        keep[tokenizer.convert_tokens_to_ids("<ref>")] = False
+        keep_rows.append((weight, weight.detach().clone(), keep))
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    res = args.resolution
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.paths = sorted(os.path.join(images_dir, n) for n in os.listdir(images_dir))
+
+        def __len__(self):
+            return len(self.paths) * 100
+
+        def __getitem__(self, i):
+            image = Image.open(self.paths[i % len(self.paths)]).convert("RGB")
+            original = (image.height, image.width)
+            image = image.resize((res, res), resample=Image.Resampling.BICUBIC)
+            if torch.rand(()) < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            text = imagenet_templates_small[int(torch.randint(len(imagenet_templates_small), ()))].format("<ref>")
+            ids = [tok(text, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids[0] for tok in tokenizers]
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            return {"pixel_values": pixels, "input_ids": ids, "time_ids": torch.tensor([*original, 0, 0, res, res], dtype=torch.float32)}
+
+    loader = torch.utils.data.DataLoader(PILDataset(), batch_size=args.batch, shuffle=True, num_workers=0)
+    timer, reset_done = StepTimer(), False
+    for step, batch in enumerate(loader):
+        if step == warmup and not reset_done:
+            cuda_sync()
+            reset_peak()
+            reset_done = True
+        if step >= warmup:
+            timer.mark()
+        if step == warmup + steps:
+            break
+        latents = vae.encode(batch["pixel_values"].to(device, dtype=vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        latents = latents.to(dtype)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # accelerate autocasts the prepared encoder
+            outs = [enc(ids.to(device), output_hidden_states=True) for enc, ids in zip(encoders, batch["input_ids"])]
+        if sdxl:
+            hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1).to(dtype)
+            added = {"text_embeds": outs[1].text_embeds.to(dtype), "time_ids": batch["time_ids"].to(device, dtype)}
+        else:
+            hidden, added = outs[0][0].to(dtype), None
+        pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for weight, original, keep in keep_rows:
+                weight[keep] = original[keep]
+        loss.item()  # diffusers logs the loss every step: a device->host sync
+    return {"ms_per_step": timer.median_ms(), "peak_gib": peak_gib()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# (b) This project: the script's main() with fit() replaced by a timer around the real train_step
+# ----------------------------------------------------------------------------------------------------
+
+
+def script_argv(args, folder, images_dir, output_dir, steps):
+    argv = [
+        "--pretrained_model_name_or_path", folder, "--train_data_dir", images_dir, "--output_dir", output_dir,
+        "--placeholder_token", "<dti>", "--initializer_token", "toy", "--resolution", str(args.resolution),
+        "--train_batch_size", str(args.batch), "--max_train_steps", str(steps), "--report_to", "none", "--seed", "0",
+        "--checkpointing_steps", "100000", "--save_steps", "100000", "--log_steps", "50",
+    ]
+    if args.mixed_precision != "no":
+        argv += ["--mixed_precision", args.mixed_precision]
+    if args.compile:
+        argv += ["--compile"]
+    return argv
+
+
+def project_run(args, folder, images_dir, steps, warmup):
+    import dti_utils
+
+    module = __import__("train_directional_textual_inversion_sdxl" if args.model == "sdxl" else "train_directional_textual_inversion")
+    result = {}
+
+    def timed_fit(trainer):
+        start = time.perf_counter()
+        trainer.train_step()
+        trainer.global_step += 1
+        cuda_sync()
+        result["first_step_s"] = time.perf_counter() - start  # includes compiling with --compile
+        for _ in range(warmup - 1):
+            trainer.train_step()
+            trainer.global_step += 1
+        cuda_sync()
+        reset_peak()
+        timer = StepTimer()
+        timer.mark()
+        for _ in range(steps):
+            trainer.train_step()
+            trainer.global_step += 1
+            timer.mark()
+        result.update(ms_per_step=timer.median_ms(), peak_gib=peak_gib())
+        return trainer.global_step
+
+    original = dti_utils.DTITrainer.fit
+    dti_utils.DTITrainer.fit = timed_fit
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps)))
+    finally:
+        dti_utils.DTITrainer.fit = original
+    return result
+
+
+def end_to_end(args, folder, images_dir, steps, reference):
+    """Wall seconds of a fresh process training `steps` steps, start-up included."""
+    with tempfile.TemporaryDirectory() as out:
+        if reference:
+            cmd = [sys.executable, os.path.abspath(__file__), "--reference_only", "--model", args.model, "--resolution", str(args.resolution),
+                   "--batch", str(args.batch), "--mixed_precision", args.mixed_precision, "--steps", str(steps), "--warmup", "0", "--workdir", args.workdir]
+        else:
+            script = "train_directional_textual_inversion_sdxl.py" if args.model == "sdxl" else "train_directional_textual_inversion.py"
+            cmd = [sys.executable, os.path.join(ROOT, script), *script_argv(args, folder, images_dir, out, steps)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def make_images(folder, resolution, count=5):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):  # photo-sized JPEGs, as users have: decoding and resizing them is part of the reference's step
+        size = (max(resolution, 1024) + 64 * i, max(resolution, 768))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(folder, f"img{i}.jpg"), quality=90)
+    return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--tiny", action="store_true", help="Tiny configs on the CPU (a smoke test of this file, not a measurement).")
+    parser.add_argument("--resolution", type=int, default=None, help="Default 512 (sd15), 1024 (sdxl), 32 (tiny).")
+    parser.add_argument("--batch", type=int, default=None, help="Default 4 (sd15), 1 (sdxl).")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Default bf16 on a GPU, no on the CPU.")
+    parser.add_argument("--steps", type=int, default=30, help="Timed steps after warm-up.")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="Time the project's step with --compile.")
+    parser.add_argument("--e2e_steps", type=int, default=0, help="Also time both end to end for this many steps (0: skip).")
+    parser.add_argument("--workdir", default=None, help="Where the random pipeline and images are written (reused if present).")
+    parser.add_argument("--json", default=None, help="Write the results to this file.")
+    parser.add_argument("--reference_only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    args.resolution = args.resolution or (32 if args.tiny else 1024 if args.model == "sdxl" else 512)
+    args.batch = args.batch or (1 if args.model == "sdxl" else 4)
+    args.mixed_precision = args.mixed_precision or ("bf16" if gpu else "no")
+    args.workdir = args.workdir or os.path.join(tempfile.gettempdir(), f"dti-bench-{args.model}{'-tiny' if args.tiny else ''}")
+    folder, images_dir = os.path.join(args.workdir, "pipeline"), os.path.join(args.workdir, "images")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        start = time.perf_counter()
+        build_pipeline(args.model, args.tiny, folder)
+        print(f"built a random {args.model}{' tiny' if args.tiny else ''} pipeline in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    make_images(images_dir, args.resolution)
+    if args.reference_only:
+        reference_run(args, folder, images_dir, args.steps, args.warmup)
+        return 0
+
+    results = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "model": args.model, "tiny": args.tiny,
+        "resolution": args.resolution, "batch": args.batch, "mixed_precision": args.mixed_precision, "compile": args.compile,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    results["reference"] = reference_run(args, folder, images_dir, args.steps, args.warmup)
+    torch.cuda.empty_cache() if gpu else None
+    results["project"] = project_run(args, folder, images_dir, args.steps, args.warmup)
+    results["speedup"] = results["reference"]["ms_per_step"] / results["project"]["ms_per_step"]
+    if args.e2e_steps:
+        results["e2e_steps"] = args.e2e_steps
+        results["e2e_reference_s"] = end_to_end(args, folder, images_dir, args.e2e_steps, reference=True)
+        results["e2e_project_s"] = end_to_end(args, folder, images_dir, args.e2e_steps, reference=False)
+        results["e2e_ratio"] = results["e2e_project_s"] / results["e2e_reference_s"]
+        if args.compile:  # the persistent compile caches are warm now: a second run starts fast
+            results["e2e_project_second_run_s"] = end_to_end(args, folder, images_dir, args.e2e_steps, reference=False)
+    ref, ours = results["reference"], results["project"]
+    print(f"{results['device']} | {args.model} {args.resolution}px batch {args.batch} {args.mixed_precision}{' --compile' if args.compile else ''}")
+    print(f"  reference (diffusers recipe): {ref['ms_per_step']:8.1f} ms/step  peak {ref['peak_gib']:.2f} GiB")
+    print(f"  this project:                 {ours['ms_per_step']:8.1f} ms/step  peak {ours['peak_gib']:.2f} GiB  (first step {ours['first_step_s']:.1f}s)")
+    print(f"  speed-up a/b: {results['speedup']:.2f}x")
+    if args.e2e_steps:
+        print(f"  end to end, {args.e2e_steps} steps: reference {results['e2e_reference_s']:.1f}s, project {results['e2e_project_s']:.1f}s, ratio {results['e2e_ratio']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
