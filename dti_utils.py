@@ -197,6 +197,25 @@ def placeholder_token_list(placeholder_token, num_vectors):
     return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
 
 
+def initializer_ids(tokenizer, initializer_token, num_vectors=None):
+    """One initializer token id per vector: a k-token initializer gives k vectors, a one-token one is copied."""
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if not ids:
+        raise DTIError(f"--initializer_token {initializer_token!r} tokenizes to nothing; pass a real word such as 'toy'.")
+    if num_vectors is None:
+        num_vectors = len(ids)
+    if num_vectors < 1:
+        raise DTIError(f"--num_vectors must be at least 1, not {num_vectors}.")
+    if len(ids) == 1:
+        return ids * num_vectors
+    if len(ids) != num_vectors:
+        raise DTIError(
+            f"--initializer_token {initializer_token!r} tokenizes to {len(ids)} tokens, which gives "
+            f"{len(ids)} vectors, but --num_vectors is {num_vectors}; drop --num_vectors or use a one-token initializer."
+        )
+    return ids
+
+
 def resolve_tokens(tokenizer, placeholder_token, initializer_token, num_vectors=None):
     """Check the concept flags against a tokenizer; return (placeholder tokens, initializer ids).
 
@@ -209,21 +228,8 @@ def resolve_tokens(tokenizer, placeholder_token, initializer_token, num_vectors=
         raise DTIError(f"--placeholder_token {placeholder_token!r} contains white space; use a single word such as '<my-concept>'.")
     if not initializer_token or not initializer_token.strip():
         raise DTIError("--initializer_token is empty; pass a word close to the concept, such as 'toy'.")
-    init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
-    if not init_ids:
-        raise DTIError(f"--initializer_token {initializer_token!r} tokenizes to nothing; pass a real word such as 'toy'.")
-    if num_vectors is None:
-        num_vectors = len(init_ids)
-    if num_vectors < 1:
-        raise DTIError(f"--num_vectors must be at least 1, not {num_vectors}.")
-    if len(init_ids) == 1:
-        init_ids = init_ids * num_vectors
-    elif len(init_ids) != num_vectors:
-        raise DTIError(
-            f"--initializer_token {initializer_token!r} tokenizes to {len(init_ids)} tokens, which gives "
-            f"{len(init_ids)} vectors, but --num_vectors is {num_vectors}; drop --num_vectors or use a one-token initializer."
-        )
-    tokens = placeholder_token_list(placeholder_token, num_vectors)
+    init_ids = initializer_ids(tokenizer, initializer_token, num_vectors)
+    tokens = placeholder_token_list(placeholder_token, len(init_ids))
     vocab = tokenizer.get_vocab()
     for token in tokens:
         if token in vocab or f"{token}</w>" in vocab:
@@ -300,13 +306,21 @@ class LearnedVectors:
         vecs = self.vectors().float()
         return vecs.norm(dim=-1).mean(), sphere_angle(vecs, self.init_vectors).mean()
 
-    @torch.no_grad()
     def nearest_tokens(self, tokenizer, k=5):
         """The k vocabulary tokens nearest each vector by cosine (the original vocabulary only)."""
-        vocab = self.embedding.weight[: self.original_vocab_size].float()
-        sims = retract(self.vectors().float()) @ retract(vocab).T
-        top = sims.topk(k, dim=-1).indices.tolist()
-        return [[tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in row] for row in top]
+        near = nearest_vocabulary_tokens(self.vectors(), self.embedding.weight[: self.original_vocab_size], tokenizer, k)
+        return [[token for token, _, _ in row] for row in near]
+
+
+@torch.no_grad()
+def nearest_vocabulary_tokens(vectors, vocab_weight, tokenizer, k=5):
+    """Per vector, the k vocabulary rows nearest by cosine: lists of (token text, id, cosine)."""
+    sims = retract(vectors.detach().float()) @ retract(vocab_weight.detach().float()).T
+    top = sims.topk(min(k, vocab_weight.shape[0]), dim=-1)
+    return [
+        [(tokenizer.convert_ids_to_tokens(int(j)).replace("</w>", ""), int(j), float(c)) for c, j in zip(values, indices)]
+        for values, indices in zip(top.values, top.indices)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,22 +361,25 @@ def save_embedding_file(path, tensors, metadata=None):
     return path
 
 
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+
+
 def load_embedding_file(path):
     """Read an embedding file without unpickling arbitrary objects: returns (tensors dict, metadata dict)."""
     if not os.path.isfile(path):
         raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
-    if path.endswith(".safetensors"):
+    if not path.lower().endswith(EMBEDDING_EXTENSIONS):
+        raise DTIError(f"{path} is not an embedding file; use a .safetensors, .pt or .bin file or a training output folder.")
+    if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    if path.endswith((".pt", ".bin")):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DTIError(f"{path} is not a plain tensor file ({type(e).__name__}); only weights-only .pt/.bin files are read, arbitrary pickles are refused.")
-        return data, {}
-    raise DTIError(f"{path} is not an embedding file; use .safetensors, .pt or .bin.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DTIError(f"{path} is not a plain tensor file ({type(e).__name__}); only weights-only .pt/.bin files are read, arbitrary pickles are refused.")
+    return data, {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1378,7 +1395,6 @@ def push_output_to_hub(args, concepts, image_paths, sdxl=False):
 CONCEPT_ENCODERS = ("text_encoder", "text_encoder_2")
 SINGLE_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 DIFFUSERS_FILE_STEMS = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}
-EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
 CONVERT_TARGETS = ("diffusers", "a1111", "comfyui")
 
 
@@ -1453,10 +1469,6 @@ def read_embedding_data(path):
     .safetensors through safetensors; .pt/.bin through torch.load(weights_only=True) (load_embedding_file);
     anything else, unreadable files and non-dict contents raise DTIError.
     """
-    if not os.path.isfile(path):
-        raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
-    if not path.lower().endswith(EMBEDDING_EXTENSIONS):
-        raise DTIError(f"{path} is not an embedding file; use a .safetensors, .pt or .bin file or a training output folder.")
     try:
         data, metadata = load_embedding_file(path)
     except DTIError:
@@ -1897,18 +1909,6 @@ def _load_tokenizer(model, name):
         raise DTIError(f"--model {model}: its {sub} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
 
 
-def _initializer_rows(tokenizer, weight, initializer, n):
-    """Rows of the initializer's tokens paired with the n vectors, or (None, reason)."""
-    ids = tokenizer.encode(initializer, add_special_tokens=False)
-    if not ids:
-        return None, f"initializer {initializer!r} tokenizes to nothing"
-    if len(ids) == 1:
-        ids = ids * n
-    elif len(ids) != n:
-        return None, f"initializer {initializer!r} has {len(ids)} tokens for {n} vectors"
-    return weight[ids], None
-
-
 def inspect_embedding(path, model=None, k=5):
     """What an embedding holds, as a dict (the --json output). Per encoder and vector: the norm; with a model,
     the vocabulary's norm statistics, the norm relative to their mean, the k nearest vocabulary tokens by
@@ -1936,22 +1936,19 @@ def inspect_embedding(path, model=None, k=5):
             weight = weight[: min(weight.shape[0], tokenizer.vocab_size)]  # the base vocabulary, no added tokens
             stats = vocabulary_norm_stats(weight)
             entry["vocabulary"] = {"size": weight.shape[0], **stats}
-            sims = retract(vecs) @ retract(weight).T
-            top = sims.topk(min(k, weight.shape[0]), dim=-1)
-            init_rows, init_note = None, None
+            near = nearest_vocabulary_tokens(vecs, weight, tokenizer, k)
+            init_rows = None
             initializer = meta.get("initializer_token")
             if initializer:
-                init_rows, init_note = _initializer_rows(tokenizer, weight, initializer, len(vecs))
                 entry["initializer_token"] = initializer
-                if init_note:
-                    entry["initializer_note"] = init_note
+                try:
+                    init_rows = weight[initializer_ids(tokenizer, initializer, len(vecs))]
+                except DTIError as e:  # the file's initializer does not fit this model: report it, no angle
+                    entry["initializer_note"] = str(e)
             angles = torch.rad2deg(sphere_angle(vecs, init_rows)) if init_rows is not None else None
             for i, item in enumerate(entry["vectors"]):
                 item["norm_to_vocab_mean"] = item["norm"] / stats["mean"]
-                item["nearest"] = [
-                    {"token": tokenizer.convert_ids_to_tokens(int(j)).replace("</w>", ""), "id": int(j), "cosine": float(c)}
-                    for c, j in zip(top.values[i], top.indices[i])
-                ]
+                item["nearest"] = [{"token": token, "id": j, "cosine": c} for token, j, c in near[i]]
                 item["angle_to_initializer_deg"] = float(angles[i]) if angles is not None else None
         report["encoders"][name] = entry
     return report

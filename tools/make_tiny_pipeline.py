@@ -67,6 +67,18 @@ def tiny_text_encoder(vocab_size, hidden_size=32, projection=False, eos_token_id
     return cls(config)
 
 
+# The UNet layout both tiny pipelines share; SDXL adds its text-time conditioning on top.
+TINY_UNET = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def tiny_vae(seed=0):
     from diffusers import AutoencoderKL
 
@@ -91,13 +103,7 @@ def make_tiny_sd(output_dir, seed=0):
     text_encoder = tiny_text_encoder(len(tokenizer), seed=seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=4,
@@ -124,13 +130,7 @@ def make_tiny_sdxl(output_dir, seed=0, eos_token_id_2=2):
     text_encoder_2 = tiny_text_encoder(len(tokenizer_2), hidden_size=64, projection=True, eos_token_id=eos_token_id_2, seed=seed + 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
