@@ -102,7 +102,13 @@ class RiemannianSGD(torch.optim.Optimizer):
     The prior direction mu of a parameter defaults to its direction at construction (mu = v0). Parameters
     must hold unit rows. A step whose gradient is not finite leaves the parameter and its state unchanged,
     decided on the device without a host sync. State is float32 whatever the parameter's dtype.
+
+    Like torch's fused optimizers it takes part in AMP loss scaling without a host sync: `torch.amp.GradScaler`
+    sees `_step_supports_amp_scaling` and hands over `grad_scale` and `found_inf` as attributes, which `step`
+    uses to unscale the gradient and to skip the step, on the device. The same attributes can be set by hand.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=0.01, kappa=1e-4, beta=0.0, eps=1e-8):
         if lr < 0:
@@ -142,6 +148,8 @@ class RiemannianSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step (or by hand): see the class doc
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             lr, kappa, beta, eps = group["lr"], group["kappa"], group["beta"], group["eps"]
             for p in group["params"]:
@@ -150,10 +158,14 @@ class RiemannianSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 v = p.float()
                 g = p.grad.float()
+                if grad_scale is not None:
+                    g = g / grad_scale.to(g.device)
                 if kappa:
                     g = g - kappa * state["prior"]
                 g = project_to_tangent(v, g)
                 finite = torch.isfinite(g).all()
+                if found_inf is not None:
+                    finite = finite & (found_inf.to(g.device) == 0)
                 g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
                 sq = (g * g).sum(-1, keepdim=True)
                 step = state["step"] + finite.float()
@@ -531,7 +543,7 @@ class TrainingData:
     def __init__(self, latent_means, latent_stds, view_index, prompt_ids, repeats, flip_p, seed, extra=None):
         self.latent_means = latent_means  # (num_views, C, h, w) float32
         self.latent_stds = latent_stds
-        self.view_index = view_index  # (num_images, 1 or 2 flips, crops) long, on the device
+        self.view_index = torch.as_tensor(view_index).cpu()  # (num_images, 1 or 2 flips, crops) long; read once per epoch
         self.prompt_ids = prompt_ids  # list of (num_templates, L) tensors, one per tokenizer
         self.num_images = view_index.shape[0]
         self.length = self.num_images * repeats
@@ -556,35 +568,37 @@ class TrainingData:
             for tok in tokenizers
         ]
         extra = {k: v.to(device) for k, v in (extra or {}).items()}
-        return cls(torch.cat(means), torch.cat(stds), torch.as_tensor(view_index).to(device), prompt_ids, repeats, flip_p, seed, extra)
+        return cls(torch.cat(means), torch.cat(stds), view_index, prompt_ids, repeats, flip_p, seed, extra)
 
     def steps_per_epoch(self, batch_size, num_processes):
         return math.ceil(self.length / (batch_size * num_processes))
 
     def _epoch(self, epoch):
+        """The epoch's draws, made on the CPU (the same on every device and process) and moved to the device
+        once per epoch, so that a step indexes device tensors only: no host-to-device copy, which syncs."""
         if epoch not in self._epoch_cache:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.length, generator=g)
             flips = (torch.rand(self.length, generator=g) < self.flip_p).long().clamp_max(self.view_index.shape[1] - 1)
             crops = torch.randint(0, self.view_index.shape[2], (self.length,), generator=g)
             templates = torch.randint(0, self.prompt_ids[0].shape[0], (self.length,), generator=g)
-            self._epoch_cache = {epoch: (order, flips, crops, templates)}
+            views = self.view_index[order % self.num_images, flips[order], crops[order]]
+            device = self.latent_means.device
+            self._epoch_cache = {epoch: (views.to(device), templates[order].to(device))}
         return self._epoch_cache[epoch]
 
     def batch(self, micro_step, batch_size, num_processes, rank):
         """The micro-batch of this rank at global micro-step `micro_step`: dict of device tensors."""
         per_epoch = self.steps_per_epoch(batch_size, num_processes)
         epoch, index = divmod(micro_step, per_epoch)
-        order, flips, crops, templates = self._epoch(epoch)
+        views, templates = self._epoch(epoch)  # in sampling order
         span = batch_size * num_processes
-        picked = order[index * span : (index + 1) * span]
-        if len(picked) < num_processes:  # every rank needs at least one sample
-            picked = torch.cat([picked, order[: num_processes - len(picked)]])
-        picked = picked[rank::num_processes]
-        device = self.latent_means.device
-        choice = torch.stack([picked % self.num_images, flips[picked], crops[picked]]).to(device)
-        view = self.view_index[choice[0], choice[1], choice[2]]
-        template = templates[picked].to(device)
+        picked = slice(index * span, (index + 1) * span)
+        view, template = views[picked], templates[picked]
+        if len(view) < num_processes:  # every rank needs at least one sample
+            missing = num_processes - len(view)
+            view, template = torch.cat([view, views[:missing]]), torch.cat([template, templates[:missing]])
+        view, template = view[rank::num_processes], template[rank::num_processes]
         out = {
             "mean": self.latent_means[view],
             "std": self.latent_stds[view],
@@ -839,8 +853,11 @@ def freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders):
     for text_encoder in text_encoders:  # explicit: an fp16 --variant would otherwise load half-precision encoders
         text_encoder.to(accelerator.device, dtype=torch.float32)
     vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) and weight_dtype == torch.float16 else weight_dtype
-    vae.to(accelerator.device, dtype=vae_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
+    for module, dtype in ((vae, vae_dtype), (unet, weight_dtype)):
+        if module.dtype == dtype:  # the scripts load the UNet in its dtype already (diffusers warns on any dtype cast)
+            module.to(accelerator.device)
+        else:
+            module.to(accelerator.device, dtype=dtype)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -1023,7 +1040,11 @@ class DTITrainer:
         if args.optimizer == "rsgd":
             optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
         else:
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+            adamw = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+            try:  # fused AdamW reads found_inf on the device, like RiemannianSGD: no host sync to skip a step
+                optimizer = torch.optim.AdamW(params, fused=True, **adamw)
+            except (RuntimeError, ValueError):  # a device without fused kernels: skip on the host
+                optimizer = torch.optim.AdamW(params, **adamw)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -1157,7 +1178,7 @@ class DTITrainer:
         return loss_sum / max(window - nonfinite, 1), nonfinite, geometry, stop > 0
 
     def train_step(self):
-        """One optimizer step (all micro-batches), with no device->host sync on the DTI path.
+        """One optimizer step (all micro-batches), with no device->host sync (either optimizer, any precision).
 
         Returns the step's loss and whether it was finite, both as device tensors."""
         args, accelerator = self.args, self.accelerator
@@ -1170,14 +1191,23 @@ class DTITrainer:
             loss = self.compute_loss(batch, generator) / accum
             accelerator.backward(loss)
             step_loss = step_loss + loss.detach()
-        finite = torch.isfinite(step_loss)
         if self.world > 1:
             for c in self.concepts:
                 c.param.grad = accelerator.reduce(c.param.grad, reduction="mean")
-        if args.optimizer == "adamw" and not finite.item():
-            self.optimizer.zero_grad(set_to_none=True)  # AdamW cannot skip on the device: skip here
+        finite = torch.isfinite(step_loss)
+        inner = self.optimizer.optimizer
+        if accelerator.scaler is not None:
+            # fp16: GradScaler hands grad_scale and found_inf to the optimizer, which skips an overflow on the device
+            # (an overflow of the scaled gradient calibrates the scale; it is not a bad step).
+            self.optimizer.step()
         else:
-            self.optimizer.step()  # RiemannianSGD skips a non-finite step on the device
+            finite = torch.stack([finite, *(torch.isfinite(c.param.grad).all() for c in self.concepts)]).all()
+            if getattr(inner, "_step_supports_amp_scaling", False):
+                inner.found_inf = (~finite).float()  # the same contract without a scaler: skipped on the device
+                self.optimizer.step()
+                del inner.found_inf
+            elif finite.item():  # an optimizer without that contract: skip on the host
+                self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, finite

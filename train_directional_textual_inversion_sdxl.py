@@ -103,12 +103,13 @@ def main(args):
 
     model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
+    # Loaded straight in the dtypes they train in (no float32 copy of the UNet on the way): text encoders float32.
     text_encoders = [
-        CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant),
-        CLIPTextModelWithProjection.from_pretrained(**model, subfolder="text_encoder_2", variant=args.variant),
+        CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, torch_dtype=torch.float32),
+        CLIPTextModelWithProjection.from_pretrained(**model, subfolder="text_encoder_2", variant=args.variant, torch_dtype=torch.float32),
     ]
     vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant)
-    unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype)
     freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders)
     train_unet = compile_for_training(args, unet)
 

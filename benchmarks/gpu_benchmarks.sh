@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README's Performance table, measured on one GPU: each stage writes its JSON to OUT as soon as it ends,
+# then the table and the target checks are printed from every JSON in OUT (and saved as OUT/table.md).
+#
+#   bash benchmarks/gpu_benchmarks.sh OUT [STAGE ...]      stages: sd15 sdxl compile (default: all three)
+#
+#   sd15     SD1.5 512 px batch 4 bf16, eager (the default), both 400-step runs end to end     (~3 min on an H200)
+#   sdxl     SDXL 1024 px batch 1 bf16, eager                                                    (~3 min)
+#   compile  SD1.5 with --compile: cold compile in process, then a 400-step run with warm caches (~4 min)
+#
+# The stages share one work folder (the random pipelines are written once). On a machine with a 10-minute
+# limit per command, run "sd15 sdxl" and then "compile" with the same OUT. DTI_BENCH_ARGS is appended to every
+# benchmark command (the test suite runs this file with DTI_BENCH_ARGS="--tiny --steps 2 ...").
+set -uo pipefail
+out=${1:?usage: gpu_benchmarks.sh OUT [sd15|sdxl|compile ...]}
+shift
+mkdir -p "$out"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(sd15 sdxl compile)
+here=$(cd "$(dirname "$0")" && pwd)
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$py" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" || exit 1
+status=0
+for stage in "${stages[@]}"; do
+  start=$SECONDS
+  case $stage in
+    sd15) args=(--model sd15 --e2e_steps 400 --json "$out/sd15.json") ;;
+    sdxl) args=(--model sdxl --json "$out/sdxl.json") ;;
+    compile) args=(--model sd15 --compile --e2e_steps 400 --no_e2e_reference --json "$out/sd15_compile.json") ;;
+    *) echo "unknown stage $stage (sd15, sdxl, compile)" >&2; exit 2 ;;
+  esac
+  # shellcheck disable=SC2086  # DTI_BENCH_ARGS is a list of flags
+  "$py" "$here/benchmark_training.py" "${args[@]}" ${DTI_BENCH_ARGS:-} || status=1
+  echo "stage $stage: $((SECONDS - start)) s, rc=$status"
+done
+jsons=("$out"/sd15.json "$out"/sd15_compile.json "$out"/sdxl.json)
+existing=()
+for f in "${jsons[@]}"; do [ -f "$f" ] && existing+=("$f"); done
+[ ${#existing[@]} -gt 0 ] && "$py" "$here/benchmark_training.py" --table "${existing[@]}" | tee "$out/table.md"
+exit $status
