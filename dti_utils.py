@@ -725,6 +725,10 @@ def add_training_args(parser, default_model, default_resolution, default_flip_p)
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the UNet for training (CUDA graphs on a GPU). Costs a minute or more of compiling "
                             "on the first run (less with the persistent cache); pays off on long or repeated runs.")
+    train.add_argument("--cuda_graphs", action="store_true",
+                       help="Replay the UNet's training forward and backward from CUDA graphs, captured in seconds at the first "
+                            "step (no compiler): removes most kernel-launch overhead. Needs a CUDA GPU; not with --compile "
+                            "or --gradient_checkpointing.")
     train.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher; LOCAL_RANK in the environment wins.")
 
     opt = parser.add_argument_group("Optimizer")
@@ -807,6 +811,10 @@ def check_args(args):
             raise DTIError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, or drop the flag (PyTorch SDPA is used by default).")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise DTIError("--hub_token with --report_to wandb would expose the token in the run config; log in with `hf auth login` instead.")
+    if args.cuda_graphs and args.compile:
+        raise DTIError("--cuda_graphs and --compile both remove launch overhead (--compile uses CUDA graphs itself); pass one of them.")
+    if args.cuda_graphs and args.gradient_checkpointing:
+        raise DTIError("--cuda_graphs keeps the UNet's activations in the graph's memory; drop --gradient_checkpointing, or --cuda_graphs to save memory.")
     if args.learning_rate is None:
         args.learning_rate = 0.01 if args.optimizer == "rsgd" else 5e-4
     if args.learning_rate <= 0:
@@ -868,11 +876,56 @@ def freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders):
             text_encoder.train()
 
 
-def compile_for_training(args, unet):
-    """--compile: the UNet's training forward under torch.compile (CUDA graphs on a GPU: launch overhead dominates).
+class GraphedUNet:
+    """--cuda_graphs: the UNet's training forward and backward replayed from CUDA graphs.
 
-    Returns the callable the loss uses; validation keeps the eager UNet, so its other shapes cost no recompiles.
+    A step launches thousands of small kernels and the GPU waits on the host; a graph replays them in one launch.
+    `torch.cuda.make_graphed_callables` captures a forward and a backward graph per input signature (shapes,
+    dtypes, which inputs need a gradient) at its first use, from that call's inputs: a short last batch gets its
+    own pair. The UNet is frozen, so the graphs differentiate with respect to the conditioning inputs only.
+    Outputs live in the graph's static memory until the next replay, which the loss never holds across calls.
+    A capture that fails is logged and that signature runs eagerly.
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphs = {}  # signature -> graphed callable, or None where the capture failed
+
+    def _signature(self, tensors):
+        return tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        keys = sorted(added_cond_kwargs or {})
+        tensors = (sample, timestep, encoder_hidden_states, *(added_cond_kwargs[k] for k in keys))
+
+        def forward(sample, timestep, encoder_hidden_states, *added):
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=dict(zip(keys, added)) or None).sample
+
+        signature = self._signature(tensors)
+        if signature not in self.graphs:
+            sample_args = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+            try:
+                self.graphs[signature] = torch.cuda.make_graphed_callables(forward, sample_args)
+                logger.info(f"Captured the UNet's CUDA graphs for inputs {[tuple(t.shape) for t in tensors]}")
+            except RuntimeError as e:
+                logger.warning(f"CUDA graph capture failed ({e}); the UNet runs eagerly for inputs {[tuple(t.shape) for t in tensors]}.")
+                self.graphs[signature] = None
+        graphed = self.graphs[signature] or forward
+        return UNet2DConditionOutput(sample=graphed(*tensors))
+
+
+def compile_for_training(args, unet):
+    """The callable the training loss calls for the UNet: the UNet itself, GraphedUNet (--cuda_graphs), or the UNet
+    under torch.compile (--compile; CUDA graphs on a GPU too, after a compile that takes a minute or more).
+
+    Validation keeps the eager UNet, so its other shapes cost no recompiles or captures.
     Inductor's persistent caches (on by default, TORCHINDUCTOR_CACHE_DIR) make a second run on the machine start fast."""
+    if args.cuda_graphs:
+        if torch.device(unet.device).type != "cuda":
+            raise DTIError(f"--cuda_graphs needs a CUDA GPU and this run is on {unet.device}; drop the flag.")
+        return GraphedUNet(unet)
     if not args.compile:
         return unet
     mode = "reduce-overhead" if torch.device(unet.device).type == "cuda" else None

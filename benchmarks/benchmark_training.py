@@ -12,10 +12,13 @@ not depend on weight values), saved to a work folder, and trained on generated i
 
 Then, optionally, both end to end as fresh processes for --e2e_steps steps, start-up included.
 
-    python benchmarks/benchmark_training.py --model sd15 --mixed_precision bf16 --e2e_steps 400
-    python benchmarks/benchmark_training.py --model sd15 --compile
-    python benchmarks/benchmark_training.py --model sdxl --resolution 1024 --batch 1
+    python benchmarks/benchmark_training.py --model sd15 --cuda_graphs --e2e_steps 400   # 512 px, batch 4, bf16
+    python benchmarks/benchmark_training.py --model sd15 --compile --e2e_steps 400 --no_e2e_reference
+    python benchmarks/benchmark_training.py --model sdxl --cuda_graphs                   # 1024 px, batch 1, bf16
+    python benchmarks/benchmark_training.py --table OUT/*.json   # the README table and a check per target
     python benchmarks/benchmark_training.py --tiny            # CPU, tiny configs: keeps this file working in CI
+
+benchmarks/gpu_benchmarks.sh runs the first three and the table in one command.
 """
 
 import argparse
@@ -228,7 +231,7 @@ def reference_run(args, folder, images_dir, steps, warmup):
 # ----------------------------------------------------------------------------------------------------
 
 
-def script_argv(args, folder, images_dir, output_dir, steps):
+def script_argv(args, folder, images_dir, output_dir, steps, *extra):
     argv = [
         "--pretrained_model_name_or_path", folder, "--train_data_dir", images_dir, "--output_dir", output_dir,
         "--placeholder_token", "<dti>", "--initializer_token", "toy", "--resolution", str(args.resolution),
@@ -240,10 +243,10 @@ def script_argv(args, folder, images_dir, output_dir, steps):
         argv += ["--mixed_precision", args.mixed_precision]
     if args.compile:
         argv += ["--compile"]
-    return argv
+    return argv + list(extra)
 
 
-def project_run(args, folder, images_dir, steps, warmup):
+def project_run(args, folder, images_dir, steps, warmup, *extra):
     import dti_utils
 
     module = __import__("train_directional_textual_inversion_sdxl" if args.model == "sdxl" else "train_directional_textual_inversion")
@@ -267,13 +270,14 @@ def project_run(args, folder, images_dir, steps, warmup):
             trainer.global_step += 1
             timer.mark()
         result.update(ms_per_step=timer.median_ms(), peak_gib=peak_gib())
+        result["vectors"] = torch.cat([c.vectors().detach().float().cpu() for c in trainer.concepts], dim=-1)
         return trainer.global_step
 
     original = dti_utils.DTITrainer.fit
     dti_utils.DTITrainer.fit = timed_fit
     try:
         with tempfile.TemporaryDirectory() as out:
-            module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps)))
+            module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps, *extra)))
     finally:
         dti_utils.DTITrainer.fit = original
     return result
@@ -311,6 +315,7 @@ TARGETS = {  # issue: speed-up over the reference in steady state, and the end-t
     ("sdxl", False): 1.5,
 }
 E2E_TARGET = 0.6
+GRAPHS_AGREEMENT_DEG = 0.5  # eager and --cuda_graphs, same seed and steps: floating-point noise only
 
 
 def format_table(results):
@@ -340,6 +345,18 @@ def format_table(results):
             checks.append(f"{'PASS' if r['speedup'] >= target else 'FAIL'} {setting}: {r['speedup']:.2f}x (target >= {target}x)")
         if ref["peak_gib"] == ref["peak_gib"]:  # nan on the CPU: no GPU memory to compare
             checks.append(f"{'PASS' if ours['peak_gib'] <= ref['peak_gib'] else 'FAIL'} {setting}: peak memory {ours['peak_gib']:.2f} GiB vs reference {ref['peak_gib']:.2f} GiB")
+        graphs = r.get("project_cuda_graphs")
+        if graphs:  # the same process, the same reference: a second row
+            rows.append(
+                f"| {r['device']} | {r['date']} | {setting} --cuda_graphs | {ref['ms_per_step']:.1f} | {graphs['ms_per_step']:.1f} | {r['speedup_cuda_graphs']:.2f}x "
+                f"| {ref['peak_gib']:.2f} / {graphs['peak_gib']:.2f} | {graphs['first_step_s']:.1f} | - |"
+            )
+            if target:
+                checks.append(f"{'PASS' if r['speedup_cuda_graphs'] >= target else 'FAIL'} {setting} --cuda_graphs: {r['speedup_cuda_graphs']:.2f}x (target >= {target}x)")
+            apart = r["cuda_graphs_vs_eager_deg"]
+            checks.append(f"{'PASS' if apart < GRAPHS_AGREEMENT_DEG else 'FAIL'} {setting} --cuda_graphs: learned vectors {apart:.4f} degrees from eager's (same seed; limit {GRAPHS_AGREEMENT_DEG})")
+            if ref["peak_gib"] == ref["peak_gib"]:
+                checks.append(f"{'PASS' if graphs['peak_gib'] <= ref['peak_gib'] else 'FAIL'} {setting} --cuda_graphs: peak memory {graphs['peak_gib']:.2f} GiB vs reference {ref['peak_gib']:.2f} GiB")
     eager = {r["model"]: r for r in results if not r["compile"]}
     for r in results:
         base = eager.get(r["model"])
@@ -368,6 +385,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="Timed steps after warm-up.")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="Time the project's step with --compile.")
+    parser.add_argument("--cuda_graphs", action="store_true", help="Also time the project's step with --cuda_graphs (a second row).")
     parser.add_argument("--e2e_steps", type=int, default=0, help="Also time both end to end for this many steps (0: skip).")
     parser.add_argument("--workdir", default=None, help="Where the random pipeline and images are written (reused if present).")
     parser.add_argument("--json", default=None, help="Write the results to this file.")
@@ -415,6 +433,18 @@ def main(argv=None):
     torch.cuda.empty_cache() if gpu else None
     results["project"] = project_run(args, folder, images_dir, args.steps, args.warmup)
     results["speedup"] = results["reference"]["ms_per_step"] / results["project"]["ms_per_step"]
+    if args.cuda_graphs and not gpu:
+        print("--cuda_graphs: not timed, there is no CUDA GPU", file=sys.stderr)
+    elif args.cuda_graphs:
+        torch.cuda.empty_cache()
+        results["project_cuda_graphs"] = project_run(args, folder, images_dir, args.steps, args.warmup, "--cuda_graphs")
+        results["speedup_cuda_graphs"] = results["reference"]["ms_per_step"] / results["project_cuda_graphs"]["ms_per_step"]
+        # Same seed, data and steps: the learned directions must agree up to floating-point noise.
+        eager, graphs = results["project"]["vectors"], results["project_cuda_graphs"]["vectors"]
+        cosine = F.cosine_similarity(eager, graphs, dim=-1).clamp(-1, 1)
+        results["cuda_graphs_vs_eager_deg"] = float(torch.rad2deg(torch.arccos(cosine)).max())
+    for key in ("project", "project_cuda_graphs"):
+        results.get(key, {}).pop("vectors", None)
     if args.e2e_steps:  # with --compile the in-process run above filled the persistent caches: this is a second run
         results["e2e_steps"] = args.e2e_steps
         results["e2e_project_s"] = end_to_end(args, folder, images_dir, args.e2e_steps, reference=False)
@@ -426,6 +456,10 @@ def main(argv=None):
     print(f"  reference (diffusers recipe): {ref['ms_per_step']:8.1f} ms/step  peak {ref['peak_gib']:.2f} GiB")
     print(f"  this project:                 {ours['ms_per_step']:8.1f} ms/step  peak {ours['peak_gib']:.2f} GiB  (first step {ours['first_step_s']:.1f}s)")
     print(f"  speed-up a/b: {results['speedup']:.2f}x")
+    if "project_cuda_graphs" in results:
+        graphs = results["project_cuda_graphs"]
+        print(f"  --cuda_graphs:                {graphs['ms_per_step']:8.1f} ms/step  peak {graphs['peak_gib']:.2f} GiB  (first step {graphs['first_step_s']:.1f}s)  speed-up {results['speedup_cuda_graphs']:.2f}x")
+        print(f"  --cuda_graphs vs eager: learned vectors {results['cuda_graphs_vs_eager_deg']:.4f} degrees apart after {args.warmup + args.steps} steps")
     if args.e2e_steps:
         print(f"  end to end, {args.e2e_steps} steps: project {results['e2e_project_s']:.1f}s"
               + (f", reference {results['e2e_reference_s']:.1f}s, ratio {results['e2e_ratio']:.2f}" if "e2e_ratio" in results else ""))

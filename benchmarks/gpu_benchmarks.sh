@@ -4,12 +4,14 @@
 #
 #   bash benchmarks/gpu_benchmarks.sh OUT [STAGE ...]      stages: sd15 sdxl compile (default: all three)
 #
-#   sd15     SD1.5 512 px batch 4 bf16, eager (the default), both 400-step runs end to end     (~3 min on an H200)
-#   sdxl     SDXL 1024 px batch 1 bf16, eager                                                    (~3 min)
+#   sd15     SD1.5 512 px batch 4 bf16: eager (the default) and --cuda_graphs; both 400-step runs end to end (~3 min on an H200)
+#   sdxl     SDXL 1024 px batch 1 bf16: eager and --cuda_graphs                                  (~3 min)
 #   compile  SD1.5 with --compile: cold compile in process, then a 400-step run with warm caches (~4 min)
 #
 # The stages share one work folder (the random pipelines are written once). On a machine with a 10-minute
-# limit per command, run "sd15 sdxl" and then "compile" with the same OUT. DTI_BENCH_ARGS is appended to every
+# limit per command, run "sd15 sdxl" and then "compile" with the same OUT. Offline machines without diffusers:
+# `pip download --no-deps diffusers==0.42.1 -d .whl` beforehand, there `pip install --no-deps --target /tmp/site
+# .whl/*.whl` and PYTHONPATH=/tmp/site (the other requirements are in any CUDA PyTorch image with transformers). DTI_BENCH_ARGS is appended to every
 # benchmark command (the test suite runs this file with DTI_BENCH_ARGS="--tiny --steps 2 ...").
 set -uo pipefail
 out=${1:?usage: gpu_benchmarks.sh OUT [sd15|sdxl|compile ...]}
@@ -26,8 +28,8 @@ status=0
 for stage in "${stages[@]}"; do
   start=$SECONDS
   case $stage in
-    sd15) args=(--model sd15 --e2e_steps 400 --json "$out/sd15.json") ;;
-    sdxl) args=(--model sdxl --json "$out/sdxl.json") ;;
+    sd15) args=(--model sd15 --cuda_graphs --e2e_steps 400 --json "$out/sd15.json") ;;
+    sdxl) args=(--model sdxl --cuda_graphs --json "$out/sdxl.json") ;;
     compile) args=(--model sd15 --compile --e2e_steps 400 --no_e2e_reference --json "$out/sd15_compile.json") ;;
     *) echo "unknown stage $stage (sd15, sdxl, compile)" >&2; exit 2 ;;
   esac

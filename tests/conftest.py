@@ -30,7 +30,7 @@ for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ACCELERATE_MIXED_PRECISION",
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS_DIR = os.path.join(REPO_ROOT, "tools")
 SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion.py")
-for _path in (TOOLS_DIR, REPO_ROOT):
+for _path in (os.path.join(REPO_ROOT, "benchmarks"), TOOLS_DIR, REPO_ROOT):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 

@@ -10,8 +10,6 @@ import pytest
 
 from conftest import REPO_ROOT, subprocess_env
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
-
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("model", ["sdxl"])  # sd15 runs through gpu_benchmarks.sh below
@@ -49,10 +47,13 @@ def test_gpu_script_runs_its_stages_and_writes_the_table(tmp_path):
     assert re.search(r"^(PASS|FAIL) sd15 32px batch 4 no: end to end \d+\.\d\dx the reference's wall time", proc.stdout, re.M)
 
 
-def _result(model, compile, ref_ms, ours_ms, ref_gib=6.0, ours_gib=5.0, first=5.0, e2e=None):
+def _result(model, compile, ref_ms, ours_ms, ref_gib=6.0, ours_gib=5.0, first=5.0, e2e=None, graphs=None):
     r = {"device": "NVIDIA H200", "date": "2026-11-26", "model": model, "resolution": 512, "batch": 4, "mixed_precision": "bf16",
          "compile": compile, "reference": {"ms_per_step": ref_ms, "peak_gib": ref_gib},
          "project": {"ms_per_step": ours_ms, "peak_gib": ours_gib, "first_step_s": first}, "speedup": ref_ms / ours_ms}
+    if graphs:  # (ms/step, peak GiB, degrees from eager)
+        r.update(project_cuda_graphs={"ms_per_step": graphs[0], "peak_gib": graphs[1], "first_step_s": 6.5},
+                 speedup_cuda_graphs=ref_ms / graphs[0], cuda_graphs_vs_eager_deg=graphs[2])
     if e2e:
         r.update(e2e_steps=400, e2e_project_s=e2e[1])
         if e2e[0]:
@@ -64,12 +65,13 @@ def test_table_checks_each_target_and_says_when_compile_pays():
     from benchmark_training import format_table
 
     results = [
-        _result("sd15", False, 148.0, 70.0, first=4.0, e2e=(75.0, 43.0)),   # 2.11x, e2e 0.57
+        _result("sd15", False, 148.0, 70.0, first=4.0, e2e=(75.0, 43.0), graphs=(37.0, 5.5, 0.02)),  # 2.11x, e2e 0.57; graphs 4x
         _result("sd15", True, 148.0, 41.0, first=94.0, e2e=(None, 60.0)),    # 3.61x; compile costs 90 s cold
-        _result("sdxl", False, 309.0, 241.0, ref_gib=15.9, ours_gib=16.5),   # 1.28x and more memory: two fails
+        _result("sdxl", False, 309.0, 241.0, ref_gib=15.9, ours_gib=16.5, graphs=(200.0, 15.0, 3.0)),  # 1.28x, more memory; graphs off by 3 deg
     ]
     table, checks = format_table(results)
-    assert table.count("| NVIDIA H200 | 2026-11-26 |") == 3
+    assert table.count("| NVIDIA H200 | 2026-11-26 |") == 5
+    assert "| sd15 512px batch 4 bf16 --cuda_graphs | 148.0 | 37.0 | 4.00x | 6.00 / 5.50 | 6.5 | - |" in table
     assert "| 148.0 | 70.0 | 2.11x | 6.00 / 5.00 | 4.0 | 400: 75.0 / 43.0 (0.57) |" in table
     assert "400: 75.0 / 60.0 (0.80)" in table  # the compiled run's end to end against the eager run's reference
     lines = checks.splitlines()
@@ -78,6 +80,10 @@ def test_table_checks_each_target_and_says_when_compile_pays():
     assert "FAIL sdxl 512px batch 4 bf16: 1.28x (target >= 1.5x)" in lines
     assert "FAIL sdxl 512px batch 4 bf16: peak memory 16.50 GiB vs reference 15.90 GiB" in lines
     assert "PASS sd15 512px batch 4 bf16: end to end 0.57x the reference's wall time (target <= 0.6)" in lines
+    assert "PASS sd15 512px batch 4 bf16 --cuda_graphs: 4.00x (target >= 2.0x)" in lines
+    assert "PASS sd15 512px batch 4 bf16 --cuda_graphs: learned vectors 0.0200 degrees from eager's (same seed; limit 0.5)" in lines
+    assert "FAIL sdxl 512px batch 4 bf16 --cuda_graphs: learned vectors 3.0000 degrees from eager's (same seed; limit 0.5)" in lines
+    assert "PASS sdxl 512px batch 4 bf16 --cuda_graphs: 1.54x (target >= 1.5x)" in lines
     # compile: 90 s for 29 ms/step pays after 90 / 0.029 = 3103 steps; the warm second run spends
     # (60 - 16.4) - (43 - 28) = 28.6 s more than eager on start-up: pays after 986 steps
     pays = [line for line in lines if line.startswith("--compile on sd15")]
