@@ -22,6 +22,7 @@ benchmarks/gpu_benchmarks.sh runs the first three and the table in one command.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -104,6 +105,8 @@ def peak_gib():
 
 
 def reset_peak():
+    # The previous loop's models sit in reference cycles (closures, trainer): collect them first, or they count here.
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -280,6 +283,10 @@ def project_run(args, folder, images_dir, steps, warmup, *extra):
             module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps, *extra)))
     finally:
         dti_utils.DTITrainer.fit = original
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # a later run in this process starts afresh
+        GradientState._reset_state()
     return result
 
 
@@ -430,13 +437,13 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"),
     }
     results["reference"] = reference_run(args, folder, images_dir, args.steps, args.warmup)
-    torch.cuda.empty_cache() if gpu else None
+    reset_peak()  # frees the reference's models before the project loads its own
     results["project"] = project_run(args, folder, images_dir, args.steps, args.warmup)
     results["speedup"] = results["reference"]["ms_per_step"] / results["project"]["ms_per_step"]
     if args.cuda_graphs and not gpu:
         print("--cuda_graphs: not timed, there is no CUDA GPU", file=sys.stderr)
     elif args.cuda_graphs:
-        torch.cuda.empty_cache()
+        reset_peak()
         results["project_cuda_graphs"] = project_run(args, folder, images_dir, args.steps, args.warmup, "--cuda_graphs")
         results["speedup_cuda_graphs"] = results["reference"]["ms_per_step"] / results["project_cuda_graphs"]["ms_per_step"]
         # Same seed, data and steps: the learned directions must agree up to floating-point noise.

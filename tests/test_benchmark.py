@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, subprocess_env
 
@@ -103,3 +104,19 @@ def test_reference_loop_runs_epoch_after_epoch(tmp_path, monkeypatch):
     args = argparse.Namespace(model="sd15", mixed_precision="no", resolution=32, batch=4)
     result = benchmark_training.reference_run(args, folder, images, steps=5, warmup=1)
     assert result["steps_run"] == 6 and result["ms_per_step"] > 0
+
+
+def test_two_project_runs_in_one_process_learn_the_same_vectors(tmp_path):
+    """How the benchmark times --cuda_graphs beside eager: a second main() in the same process starts afresh
+    (accelerate's state reset) and, with the same seed, learns exactly what the first learned."""
+    import argparse
+
+    import benchmark_training
+
+    folder = benchmark_training.build_pipeline("sd15", True, str(tmp_path / "pipeline"))
+    images = benchmark_training.make_images(str(tmp_path / "images"), 32)
+    args = argparse.Namespace(model="sd15", mixed_precision="no", resolution=32, batch=4, compile=False)
+    first = benchmark_training.project_run(args, folder, images, 2, 1)
+    second = benchmark_training.project_run(args, folder, images, 2, 1, "--log_steps", "7")  # a flag that changes no math
+    assert first["vectors"].shape == (1, 32)
+    torch.testing.assert_close(second["vectors"], first["vectors"], rtol=0, atol=0)
