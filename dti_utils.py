@@ -891,9 +891,6 @@ class GraphedUNet:
         self.unet = unet
         self.graphs = {}  # signature -> graphed callable, or None where the capture failed
 
-    def _signature(self, tensors):
-        return tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
-
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -903,7 +900,7 @@ class GraphedUNet:
         def forward(sample, timestep, encoder_hidden_states, *added):
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=dict(zip(keys, added)) or None).sample
 
-        signature = self._signature(tensors)
+        signature = tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in tensors)
         if signature not in self.graphs:
             sample_args = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
             try:
