@@ -37,8 +37,14 @@ for stage in "${stages[@]}"; do
   "$py" "$here/benchmark_training.py" "${args[@]}" ${DTI_BENCH_ARGS:-} || status=1
   echo "stage $stage: $((SECONDS - start)) s, rc=$status"
 done
-jsons=("$out"/sd15.json "$out"/sd15_compile.json "$out"/sdxl.json)
+# Each stage's JSON is also kept in $DTI_BENCH_RESULTS (default /tmp/dti-bench/results), so a later call on the
+# same machine (e.g. "compile" after "sd15 sdxl") prints the whole table with the compile break-even.
+keep=${DTI_BENCH_RESULTS:-/tmp/dti-bench/results}
+mkdir -p "$keep"
 existing=()
-for f in "${jsons[@]}"; do [ -f "$f" ] && existing+=("$f"); done
+for name in sd15 sd15_compile sdxl; do
+  [ -f "$out/$name.json" ] && cp "$out/$name.json" "$keep/$name.json"
+  [ -f "$keep/$name.json" ] && existing+=("$keep/$name.json")
+done
 [ ${#existing[@]} -gt 0 ] && "$py" "$here/benchmark_training.py" --table "${existing[@]}" | tee "$out/table.md"
 exit $status

@@ -32,13 +32,15 @@ def test_benchmark_tiny_runs_both_loops(model, tmp_path):
 def test_gpu_script_runs_its_stages_and_writes_the_table(tmp_path):
     """benchmarks/gpu_benchmarks.sh, the one command a GPU session runs, here on the tiny SD with 2 end-to-end steps."""
     out = tmp_path / "out"
-    env = subprocess_env(PYTHON=sys.executable, DTI_BENCH_ARGS=f"--tiny --steps 2 --warmup 1 --e2e_steps 2 --workdir {tmp_path / 'work'}")
+    env = subprocess_env(PYTHON=sys.executable, DTI_BENCH_ARGS=f"--tiny --steps 2 --warmup 1 --e2e_steps 2 --workdir {tmp_path / 'work'}",
+                         DTI_BENCH_RESULTS=str(tmp_path / "kept"))
     proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_benchmarks.sh"), str(out), "sd15"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     sd15 = json.loads((out / "sd15.json").read_text())
     assert sd15["e2e_steps"] == 2 and sd15["e2e_project_s"] > 0 and sd15["e2e_reference_s"] > 0
     assert sd15["reference"]["ms_per_step"] > 0 and sd15["project"]["ms_per_step"] > 0
+    assert json.loads((tmp_path / "kept" / "sd15.json").read_text()) == sd15  # kept for a later call's table
     table = (out / "table.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| cpu |")]
     assert len(rows) == 1 and "| sd15 32px batch 4 no |" in rows[0] and f"2: {sd15['e2e_reference_s']:.1f} / {sd15['e2e_project_s']:.1f}" in rows[0]
