@@ -21,7 +21,7 @@ import pytest
 import torch
 
 # conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
-from conftest import REPO_ROOT, _reset_accelerate, read_embeds, subprocess_env
+from conftest import REPO_ROOT, _reset_accelerate, read_embeds, sd_argv, subprocess_env
 
 import dti_utils
 import train_directional_textual_inversion_sdxl as sdxl
@@ -41,27 +41,10 @@ IMAGE_SIZES = [(64 + 8 * i, 64) for i in range(4)]  # (width, height) written by
 
 
 def sdxl_argv(pipeline, data, out, *extra, steps=4):
-    """Small, fast flags; later flags in `extra` override these (argparse keeps the last)."""
-    return [
-        "--pretrained_model_name_or_path", str(pipeline),
-        "--train_data_dir", str(data),
-        "--output_dir", str(out),
-        "--placeholder_token", TOKEN,
-        "--initializer_token", "toy",
-        "--resolution", str(RES),
-        "--train_batch_size", "1",
-        "--repeats", "1",
-        "--max_train_steps", str(steps),
-        "--seed", "0",
-        "--report_to", "none",
-        "--num_validation_images", "1",
-        "--num_validation_inference_steps", "2",
-        "--validation_steps", "1000",
-        "--checkpointing_steps", "1000",
-        "--save_steps", "1000",
-        "--log_steps", "1",
-        *[str(a) for a in extra],
-    ]
+    """conftest's small, fast flags with this file's token, resolution, one repeat and a log line per step;
+    later flags in `extra` override these (argparse keeps the last)."""
+    return sd_argv(pipeline, data, out, "--placeholder_token", TOKEN, "--resolution", RES, "--repeats", "1", "--log_steps", "1",
+                   *extra, steps=steps, seed=0)
 
 
 def run_inprocess(argv, monkeypatch_batch=None):
