@@ -10,103 +10,198 @@ direction is trained, by Riemannian SGD with a von Mises-Fisher prior (arXiv 251
 `pipe.load_textual_inversion(output_dir)`. `--optimizer adamw` runs classic textual inversion for comparison.
 """
 
-import argparse
-import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
+import time
 
-import torch
+STARTED = time.perf_counter()  # the start-up report counts the imports too
 
-from dti_utils import (
-    DTIError,
-    DTITrainer,
-    TrainingData,
-    add_concept,
-    add_training_args,
-    build_views,
-    check_args,
-    compile_for_training,
-    diffusion_loss,
-    freeze_models,
-    load_training_images,
-    resolve_tokens,
-    run_main,
-    setup_accelerator,
-    square_view,
-)
+import argparse  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.utils import check_min_version  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import dti_utils as dti  # noqa: E402
+from dti_utils import RiemannianSGD  # noqa: E402
+
+check_min_version("0.42.0")
+logger = get_logger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=512, default_flip_p=0.5)
+    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=512, default_flip_p=0.5)
     parser.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path, if not the model's own.")
-    return check_args(parser.parse_args(argv))
+    return dti.check_args(parser.parse_args(argv))
 
 
-def load_tokenizer(args):
-    from transformers import CLIPTokenizer
-
-    source = args.tokenizer_name or args.pretrained_model_name_or_path
-    try:
-        return CLIPTokenizer.from_pretrained(source, subfolder=None if args.tokenizer_name else "tokenizer", revision=args.revision, cache_dir=args.cache_dir)
-    except OSError as e:
-        raise DTIError(f"Could not load a tokenizer from {source!r} ({e}); check --pretrained_model_name_or_path (a diffusers folder or Hub id) or --tokenizer_name.")
-
-
-def main(args):
-    # -- Checks that need no model: tokens and images fail here, before gigabytes load. --
-    tokenizer = load_tokenizer(args)
-    tokens, init_ids = resolve_tokens(tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors)
-    images = load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
-
-    accelerator, weight_dtype = setup_accelerator(args, "directional_textual_inversion")
-
-    # -- 1. Load models --
-    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
+def main(args, callback=None):
+    """Train; returns a namespace with the step reached, the embedding, the optimizer, the data and the files.
+    `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
+    timer = dti.StartupTimer(STARTED)
     model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
-    # Loaded straight in the dtypes they train in (no float32 copy of the UNet on the way): text encoder float32.
-    text_encoder = CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant)
-    unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype)
-    freeze_models(args, accelerator, weight_dtype, unet, vae, [text_encoder])
-    train_unet = compile_for_training(args, unet)
+    dti.check_model(args.pretrained_model_name_or_path, "sd", args.revision, args.cache_dir)
+    with dti.training_session(args, "directional_textual_inversion") as (accelerator, stop):
+        # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
+        if accelerator.is_main_process:
+            dti.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
+        from transformers import CLIPTextModel, CLIPTokenizer
 
-    # -- 2. Add the placeholder tokens; only their vectors are trainable --
-    concept = add_concept(args, tokenizer, text_encoder, tokens, init_ids)
+        source = args.tokenizer_name or args.pretrained_model_name_or_path
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=None if args.tokenizer_name else "tokenizer", revision=args.revision, cache_dir=args.cache_dir)
+        tokens, init_ids = dti.resolve_tokens(tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors, args.allow_multi_token_initializer)
+        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
+        dti.warn_small_images(images, args.resolution)
+        dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
+        checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is not None:
+            dti.check_resume(checkpoint_path, checkpoint, args, tokens, accelerator.num_processes)
+        hub_repo = dti.start_run(accelerator, args, "directional_textual_inversion")
+        timer.mark("checks")
 
-    # -- 3. Data: every view encoded once, prompts tokenized once --
-    with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
-        squares = list(pool.map(lambda image: square_view(image, args.resolution, args.center_crop), images))
-    views, view_index, _ = build_views(squares, lambda image, crop: image, lambda image: [None], flip=args.flip_p > 0)
-    data = TrainingData.build(views, view_index, vae, [tokenizer], " ".join(tokens), args.learnable_property, args.repeats, args.flip_p, args.seed, accelerator.device)
+        # -- 1. Load the models, each straight in the dtype it runs in: the text encoder float32 (the learned rows'
+        #       gradient flows through it), the UNet and VAE in the mixed-precision dtype --
+        from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    # -- 4. Train --
-    def compute_loss(batch, generator):
-        encoder_hidden_states = text_encoder(batch["input_ids"][0])[0]
-        return diffusion_loss(train_unet, noise_scheduler, batch, encoder_hidden_states, generator, vae.config.scaling_factor, weight_dtype)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
+        text_encoder = CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, dtype=torch.float32)
+        vae_dtype = dti.vae_dtype(SimpleNamespace(**AutoencoderKL.load_config(**model, subfolder="vae")), weight_dtype)
+        vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant, dtype=vae_dtype)
+        unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, dtype=weight_dtype)
+        dti.freeze_models(args, accelerator, weight_dtype, unet, vae, [text_encoder])
+        timer.mark("models")
 
-    def make_pipeline():
-        return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        # -- 2. Add the placeholder tokens and their directional embedding: e = m * v, only v trains --
+        embedding = dti.add_directional_embedding(tokenizer, text_encoder, tokens, init_ids, args.token_scale, classic=args.optimizer == "adamw")
 
-    trainer = DTITrainer(accelerator, args, [concept], [tokenizer], data, compute_loss, make_pipeline, weight_dtype)
-    trainer.fit()
-    trainer.finish()
+        # -- 3. Data: every distinct view (each image and its mirror) VAE-encoded once, the prompts tokenized once --
+        with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
+            squares = list(pool.map(lambda im: dti.square_view(im.image, args.resolution, args.center_crop), images))
+        keys, view_index = dti.build_views(squares, lambda image: [None], flip=args.flip_p > 0)
+        means, stds = dti.encode_views(vae, keys, lambda i, crop: squares[i], accelerator.device)
+        prompts = [template.format(" ".join(tokens)) for template in dti.prompt_templates(args.learnable_property)]
+        data = dti.TrainingData(means, stds, view_index, dti.tokenize_prompts([tokenizer], prompts, accelerator.device), args.repeats, args.flip_p, args.seed)
+        timer.mark("latents")
 
-    # -- 5. Save and push --
-    def load_full_pipeline():
-        return StableDiffusionPipeline.from_pretrained(**model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer)
+        # -- 4. The optimizer and schedule. DTI: Riemannian SGD on the direction, with the vMF prior toward the
+        #       initializer. Classic TI (--optimizer adamw): AdamW on the free embedding, for comparison. --
+        params = [embedding.param]
+        lr = dti.scaled_learning_rate(args, accelerator.num_processes)
+        if args.optimizer == "rsgd":
+            optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
+        else:  # fused: skips a non-finite step on the device, like RiemannianSGD
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                          eps=args.adam_epsilon, fused=True)
+        # Not prepared by accelerate, so it steps once per optimizer step whatever the number of processes.
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                     num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles)
+        optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the gradients are averaged by hand (a few KB)
+        train_unet = dti.unet_for_training(args, unet)
 
-    trainer.publish(load_full_pipeline)
+        # -- 5. Resume: the directions, the optimizer's state and the schedule's position; the flags of this run govern --
+        global_step, history = 0, []
+        if checkpoint is not None:
+            global_step, history = dti.restore_training_state(checkpoint_path, checkpoint, [embedding], optimizer, lr_scheduler, accelerator)
+
+        def make_pipeline():  # validation renders with the models in memory
+            return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None,
+                                           scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), requires_safety_checker=False)
+
+        def save(step, suffix=""):
+            return dti.save_training_embeddings(args.output_dir, args, [embedding], step, suffix)
+
+        def save_checkpoint(step):
+            state = dti.training_state(step, args, [embedding], optimizer, accelerator, history)
+            logger.info(f"Saved {dti.save_checkpoint(args.output_dir, step, state, args.checkpoints_total_limit)}")
+
+        stop.save_on_abort = lambda: save(global_step)  # an error or a second Ctrl-C: keep what was learned so far
+
+        # -- 6. The training loop --
+        logger.info("***** Running training *****")
+        logger.info(f"  Images = {len(images)} x {args.repeats} repeats, batch {args.train_batch_size} per device x {accelerator.num_processes} processes "
+                    f"x {args.gradient_accumulation_steps} accumulation")
+        logger.info(f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, seed = {args.seed}")
+        logger.info(f"  Tokens {embedding.tokens}, norm {'free (classic TI)' if embedding.norm is None else f'{embedding.norm:.6f}'}")
+        startup = timer.report()
+        window = dti.LossWindow(args.log_steps, accelerator.device)
+        progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+        accum, rank, world = args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+        validation_images = []
+        while global_step < args.max_train_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                micro_step = global_step * accum + micro
+                batch = data.batch(micro_step, args.train_batch_size, world, rank)
+                encoder_hidden_states = text_encoder(batch["input_ids"][0])[0]  # the hook splices in m * v
+                loss = dti.diffusion_loss(train_unet, noise_scheduler, batch, encoder_hidden_states, dti.step_generator(args.seed, micro_step, rank, accelerator.device),
+                                          vae.config, weight_dtype) / accum
+                accelerator.backward(loss)
+                step_loss = step_loss + loss.detach()
+            dti.average_gradients(accelerator, params)
+            finite = dti.guard_nonfinite_step(optimizer, step_loss, params)  # skipped on the device if not finite: no sync
+            optimizer.step()  # <- the embedding update: v turns along the sphere and stays unit (rsgd), or e moves freely (adamw)
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            window.add(step_loss, finite)
+            if callback is not None:
+                callback(global_step, loss=step_loss, finite=finite, embeddings=[embedding], optimizer=optimizer)
+
+            last = global_step == args.max_train_steps
+            synced = window.due(last)
+            if synced:  # one device->host read every --log_steps steps
+                logs = window.read(global_step, accelerator, [embedding], args.output_dir)
+                logs["lr"] = optimizer.param_groups[0]["lr"]
+                history.append((global_step, logs["loss"], logs["norm"], logs["angle_deg"]))
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", norm=f"{logs['norm']:.4f}", angle=f"{logs['angle_deg']:.2f}deg")
+                accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0:
+                    save(global_step, suffix=f"-steps-{global_step}")
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(global_step)
+                if args.validation_prompt and global_step % args.validation_steps == 0 and not last:
+                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
+                    dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
+            if stop.check(accelerator, synced):
+                break
+        progress.close()
+
+        # -- 7. Final files, validation and push --
+        accelerator.wait_for_everyone()
+        result = SimpleNamespace(global_step=global_step, embeddings=[embedding], optimizer=optimizer, data=data, history=history, files=[],
+                                 startup=startup, weight_dtype=weight_dtype, unet=unet, exit_code=128 + stop.signum if stop.requested else 0)
+        if accelerator.is_main_process:
+            result.files = save(global_step)
+            if not stop.requested:
+                from dti_concepts import plot_training_curves
+
+                plot_training_curves(history, f"{args.output_dir}/training_curves.png")
+                if args.validation_prompt:
+                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
+            if stop.requested:  # before or during the final validation
+                save_checkpoint(global_step)
+                logger.info(f"Stopped at step {global_step}: embedding and checkpoint-{global_step} saved in {args.output_dir}; "
+                            f"continue with --resume_from_checkpoint latest.")
+                result.exit_code = 128 + stop.signum
+                return result
+            dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
+            if args.save_as_full_pipeline:
+                embedding.fold_into_encoder()
+                StableDiffusionPipeline.from_pretrained(**model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer).save_pretrained(
+                    args.output_dir, safe_serialization=not args.no_safe_serialization)
+            if hub_repo:
+                dti.push_output_to_hub(args, hub_repo, [embedding], validation_images)
+            logger.info(f"Done: {len(tokens)} vector(s) of norm {embedding.vectors().norm(dim=-1).mean().item():.6f} in {result.files[0]}")
+        return result
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args)
+    raise SystemExit(dti.run_cli(main, parse_args))

@@ -11,154 +11,228 @@ learned_embeds.safetensors (text_encoder), learned_embeds_2.safetensors (text_en
 {"clip_l", "clip_g"} file for AUTOMATIC1111, ComfyUI and kohya.
 """
 
-import argparse
-from concurrent.futures import ThreadPoolExecutor
+import time
 
-import torch
-from PIL import Image
+STARTED = time.perf_counter()  # the start-up report counts the imports too
 
-from dti_utils import (
-    DTIError,
-    DTITrainer,
-    TrainingData,
-    add_concept,
-    add_training_args,
-    build_views,
-    check_args,
-    compile_for_training,
-    diffusion_loss,
-    embedding_slug,
-    freeze_models,
-    load_training_images,
-    resolve_tokens,
-    run_main,
-    setup_accelerator,
-)
+import argparse  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.utils import check_min_version  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import dti_utils as dti  # noqa: E402
+from dti_utils import DTIError, RiemannianSGD  # noqa: E402
+
+check_min_version("0.42.0")
+logger = get_logger(__name__)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=768, default_flip_p=0.0)
-    parser.add_argument("--crop_positions", type=int, default=8,
+    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=768, default_flip_p=0.0)
+    parser.add_argument("--crop_positions", type=dti.positive_int, default=8,
                         help="Random crop: the crop is drawn from this many evenly spaced positions along the long side, "
                              "each encoded by the VAE once (ignored with --center_crop).")
-    args = check_args(parser.parse_args(argv))
-    if args.crop_positions < 1:
-        raise DTIError(f"--crop_positions must be at least 1, not {args.crop_positions}.")
-    return args
-
-
-def load_tokenizers(args):
-    from transformers import CLIPTokenizer
-
-    try:
-        return [CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, revision=args.revision, cache_dir=args.cache_dir)
-                for sub in ("tokenizer", "tokenizer_2")]
-    except OSError as e:
-        raise DTIError(f"Could not load the two tokenizers of {args.pretrained_model_name_or_path!r} ({e}); pass an SDXL diffusers folder or Hub id.")
-
-
-def resized_shorter_side(image, resolution):
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    return image.resize(size, resample=Image.Resampling.BICUBIC)
-
-
-def crop_positions(image, resolution, center_crop, positions):
-    """(top, left) crop corners: the centre, or `positions` evenly spaced along the long side."""
-    free_y, free_x = image.height - resolution, image.width - resolution
-    if center_crop or (free_x == 0 and free_y == 0):
-        return [(free_y // 2, free_x // 2)]
-    fractions = [i / max(positions - 1, 1) for i in range(positions)] if positions > 1 else [0.5]
-    return [(round(free_y * f), round(free_x * f)) for f in fractions]
+    return dti.check_args(parser.parse_args(argv))
 
 
 def encode_prompt(text_encoders, input_ids):
-    """SDXL conditioning, as StableDiffusionXLPipeline.encode_prompt computes it: hidden_states[-2] of both
-    encoders concatenated, and encoder 2's pooled projection. The pooled output is the encoder's own, so
-    training sees exactly what inference sees after load_textual_inversion, including configs whose
-    eos_token_id is 2 (they pool at argmax(input_ids), which is the added placeholder token)."""
+    """SDXL conditioning, as StableDiffusionXLPipeline.encode_prompt computes it: hidden_states[-2] of both encoders
+    concatenated, and encoder 2's pooled projection. The pooled output is the encoder's own, so training sees exactly
+    what inference sees after load_textual_inversion, including configs whose eos_token_id is 2 (they pool at
+    argmax(input_ids), which is the added placeholder token)."""
     out_1 = text_encoders[0](input_ids[0], output_hidden_states=True)
     out_2 = text_encoders[1](input_ids[1], output_hidden_states=True)
-    hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-    return hidden, out_2.text_embeds
+    return torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2.text_embeds
 
 
-def main(args):
-    # -- Checks that need no model: tokens and images fail here, before gigabytes load. --
-    tokenizers = load_tokenizers(args)
-    resolved = [resolve_tokens(tok, args.placeholder_token, args.initializer_token, args.num_vectors) for tok in tokenizers]
-    tokens = resolved[0][0]
-    if len(resolved[1][1]) != len(tokens):
-        raise DTIError(f"--initializer_token {args.initializer_token!r} gives {len(tokens)} and {len(resolved[1][1])} tokens in the two tokenizers; use a one-token initializer with --num_vectors.")
-    images = load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
-
-    accelerator, weight_dtype = setup_accelerator(args, "directional_textual_inversion_sdxl")
-
-    # -- 1. Load models --
-    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
+def main(args, callback=None):
+    """Train; returns a namespace with the step reached, the embeddings, the optimizer, the data and the files.
+    `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
+    timer = dti.StartupTimer(STARTED)
     model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
-    noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
-    # Loaded straight in the dtypes they train in (no float32 copy of the UNet on the way): text encoders float32.
-    text_encoders = [
-        CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, torch_dtype=torch.float32),
-        CLIPTextModelWithProjection.from_pretrained(**model, subfolder="text_encoder_2", variant=args.variant, torch_dtype=torch.float32),
-    ]
-    vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant)
-    unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype)
-    freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders)
-    train_unet = compile_for_training(args, unet)
+    dti.check_model(args.pretrained_model_name_or_path, "sdxl", args.revision, args.cache_dir)
+    with dti.training_session(args, "directional_textual_inversion_sdxl") as (accelerator, stop):
+        # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
+        if accelerator.is_main_process:
+            dti.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    # -- 2. Add the placeholder tokens to both encoders; each has its own norm and prior --
-    concepts = [
-        add_concept(args, tokenizers[0], text_encoders[0], tokens, resolved[0][1], "text_encoder", "learned_embeds"),
-        add_concept(args, tokenizers[1], text_encoders[1], tokens, resolved[1][1], "text_encoder_2", "learned_embeds_2"),
-    ]
+        tokenizers = [CLIPTokenizer.from_pretrained(**model, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+        resolved = [dti.resolve_tokens(tok, args.placeholder_token, args.initializer_token, args.num_vectors, args.allow_multi_token_initializer)
+                    for tok in tokenizers]
+        tokens = resolved[0][0]
+        if len(resolved[1][1]) != len(tokens):
+            raise DTIError(f"--initializer_token {args.initializer_token!r} gives {len(tokens)} and {len(resolved[1][1])} tokens in the two "
+                           f"tokenizers; use a one-token initializer with --num_vectors.")
+        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
+        dti.warn_small_images(images, args.resolution)
+        dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
+        checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is not None:
+            dti.check_resume(checkpoint_path, checkpoint, args, tokens, accelerator.num_processes)
+        hub_repo = dti.start_run(accelerator, args, "directional_textual_inversion_sdxl")
+        timer.mark("checks")
 
-    # -- 3. Data: every crop position of every image encoded once, with its own SDXL time ids --
-    with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
-        resized = list(pool.map(lambda image: resized_shorter_side(image, args.resolution), images))
-    res = args.resolution
+        # -- 1. Load the models, each straight in the dtype it runs in: the text encoders float32 (the learned rows'
+        #       gradients flow through them), the UNet in the mixed-precision dtype, the VAE too unless it must be float32 --
+        from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    def crop(image, corner):
-        top, left = corner
-        return image.crop((left, top, left + res, top + res))
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
+        vae_dtype = dti.vae_dtype(SimpleNamespace(**AutoencoderKL.load_config(**model, subfolder="vae")), weight_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, dtype=torch.float32)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(**model, subfolder="text_encoder_2", variant=args.variant, dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant, dtype=vae_dtype)
+        unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, dtype=weight_dtype)
+        text_encoders = [text_encoder, text_encoder_2]
+        dti.freeze_models(args, accelerator, weight_dtype, unet, vae, text_encoders)
+        timer.mark("models")
 
-    views, view_index, keys = build_views(resized, crop, lambda image: crop_positions(image, res, args.center_crop, args.crop_positions), flip=args.flip_p > 0)
-    # time ids = original size (h, w) + crop top-left + target size, per view: a short last batch needs no padding
-    time_ids = torch.tensor([[images[i].height, images[i].width, top, left, res, res] for i, _, (top, left) in keys], dtype=torch.float32)
-    data = TrainingData.build(views, view_index, vae, tokenizers, " ".join(tokens), args.learnable_property, args.repeats, args.flip_p, args.seed,
-                              accelerator.device, extra={"time_ids": time_ids})
+        # -- 2. Add the placeholder tokens to both encoders, each with its own norm m and prior: e = m * v, only v trains --
+        embeddings = [dti.add_directional_embedding(tok, enc, tokens, init_ids, args.token_scale, classic=args.optimizer == "adamw", name=name)
+                      for tok, enc, (_, init_ids), name in zip(tokenizers, text_encoders, resolved, dti.ENCODERS)]
 
-    # -- 4. Train --
-    def compute_loss(batch, generator):
-        hidden, pooled = encode_prompt(text_encoders, batch["input_ids"])
-        added_cond_kwargs = {"text_embeds": pooled.to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
-        return diffusion_loss(train_unet, noise_scheduler, batch, hidden, generator, vae.config.scaling_factor, weight_dtype,
-                              shift_factor=getattr(vae.config, "shift_factor", None), added_cond_kwargs=added_cond_kwargs)
+        # -- 3. Data: every crop position of every image (and its mirror) VAE-encoded once, with its own SDXL time ids --
+        res = args.resolution
+        with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
+            resized = list(pool.map(lambda im: dti.resized_shorter_side(im.image, res), images))
+        keys, view_index = dti.build_views(resized, lambda image: dti.crop_positions(image, res, args.center_crop, args.crop_positions), flip=args.flip_p > 0)
+        means, stds = dti.encode_views(vae, keys, lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)), accelerator.device)
+        # time ids = original size (h, w) + crop top-left + target size, per view; a mirrored view's crop starts from the other side
+        time_ids = torch.tensor([[images[i].image.height, images[i].image.width, top, resized[i].width - res - left if mirrored else left, res, res]
+                                 for i, mirrored, (top, left) in keys], dtype=torch.float32, device=accelerator.device)
+        prompts = [template.format(" ".join(tokens)) for template in dti.prompt_templates(args.learnable_property)]
+        data = dti.TrainingData(means, stds, view_index, dti.tokenize_prompts(tokenizers, prompts, accelerator.device), args.repeats, args.flip_p, args.seed,
+                                extra={"time_ids": time_ids})
+        timer.mark("latents")
 
-    def make_pipeline():
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-            unet=unet, scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config),
-        )
+        # -- 4. The optimizer and schedule. DTI: Riemannian SGD on both encoders' directions, each with the vMF prior
+        #       toward its own initializer rows. Classic TI (--optimizer adamw): AdamW on the free embeddings. --
+        params = [e.param for e in embeddings]
+        lr = dti.scaled_learning_rate(args, accelerator.num_processes)
+        if args.optimizer == "rsgd":
+            optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
+        else:  # fused: skips a non-finite step on the device, like RiemannianSGD
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                          eps=args.adam_epsilon, fused=True)
+        # Not prepared by accelerate, so it steps once per optimizer step whatever the number of processes.
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                     num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles)
+        optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the gradients are averaged by hand (a few KB)
+        train_unet = dti.unet_for_training(args, unet)
 
-    trainer = DTITrainer(accelerator, args, concepts, tokenizers, data, compute_loss, make_pipeline, weight_dtype,
-                         combined_file=(embedding_slug(args.placeholder_token), ["clip_l", "clip_g"]))
-    trainer.fit()
-    trainer.finish()
+        # -- 5. Resume: the directions, the optimizer's state and the schedule's position; the flags of this run govern --
+        global_step, history = 0, []
+        if checkpoint is not None:
+            global_step, history = dti.restore_training_state(checkpoint_path, checkpoint, embeddings, optimizer, lr_scheduler, accelerator)
 
-    # -- 5. Save and push --
-    def load_full_pipeline():
-        return StableDiffusionXLPipeline.from_pretrained(**model, vae=vae, unet=unet, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1])
+        def make_pipeline():  # validation renders with the models in memory
+            return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
+                                             unet=unet, scheduler=EulerDiscreteScheduler.from_config(noise_scheduler.config))
 
-    trainer.publish(load_full_pipeline, sdxl=True)
+        def save(step, suffix=""):
+            return dti.save_training_embeddings(args.output_dir, args, embeddings, step, suffix)
+
+        def save_checkpoint(step):
+            state = dti.training_state(step, args, embeddings, optimizer, accelerator, history)
+            logger.info(f"Saved {dti.save_checkpoint(args.output_dir, step, state, args.checkpoints_total_limit)}")
+
+        stop.save_on_abort = lambda: save(global_step)  # an error or a second Ctrl-C: keep what was learned so far
+
+        # -- 6. The training loop --
+        logger.info("***** Running training *****")
+        logger.info(f"  Images = {len(images)} x {args.repeats} repeats ({len(keys)} cached views), batch {args.train_batch_size} per device "
+                    f"x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")
+        logger.info(f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, seed = {args.seed}")
+        for e in embeddings:
+            logger.info(f"  {e.name}: tokens {e.tokens}, norm {'free (classic TI)' if e.norm is None else f'{e.norm:.6f}'}")
+        startup = timer.report()
+        window = dti.LossWindow(args.log_steps, accelerator.device)
+        progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+        accum, rank, world = args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+        validation_images = []
+        while global_step < args.max_train_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                micro_step = global_step * accum + micro
+                batch = data.batch(micro_step, args.train_batch_size, world, rank)
+                hidden, pooled = encode_prompt(text_encoders, batch["input_ids"])  # the hooks splice in each encoder's m * v
+                added_cond_kwargs = {"text_embeds": pooled.to(weight_dtype), "time_ids": batch["time_ids"].to(weight_dtype)}
+                loss = dti.diffusion_loss(train_unet, noise_scheduler, batch, hidden, dti.step_generator(args.seed, micro_step, rank, accelerator.device),
+                                          vae.config, weight_dtype, added_cond_kwargs=added_cond_kwargs) / accum
+                accelerator.backward(loss)
+                step_loss = step_loss + loss.detach()
+            dti.average_gradients(accelerator, params)
+            finite = dti.guard_nonfinite_step(optimizer, step_loss, params)  # skipped on the device if not finite: no sync
+            optimizer.step()  # <- the embedding update: each v turns along its sphere and stays unit (rsgd), or e moves freely (adamw)
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            window.add(step_loss, finite)
+            if callback is not None:
+                callback(global_step, loss=step_loss, finite=finite, embeddings=embeddings, optimizer=optimizer)
+
+            last = global_step == args.max_train_steps
+            synced = window.due(last)
+            if synced:  # one device->host read every --log_steps steps
+                logs = window.read(global_step, accelerator, embeddings, args.output_dir)
+                logs["lr"] = optimizer.param_groups[0]["lr"]
+                history.append((global_step, logs["loss"], logs["norm"], logs["angle_deg"], logs["norm_2"], logs["angle_deg_2"]))
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", norm=f"{logs['norm']:.4f}/{logs['norm_2']:.4f}",
+                                     angle=f"{logs['angle_deg']:.2f}/{logs['angle_deg_2']:.2f}deg")
+                accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0:
+                    save(global_step, suffix=f"-steps-{global_step}")
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(global_step)
+                if args.validation_prompt and global_step % args.validation_steps == 0 and not last:
+                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
+                    dti.log_nearest_tokens(global_step, embeddings, tokenizers)
+            if stop.check(accelerator, synced):
+                break
+        progress.close()
+
+        # -- 7. Final files, validation and push --
+        accelerator.wait_for_everyone()
+        result = SimpleNamespace(global_step=global_step, embeddings=embeddings, optimizer=optimizer, data=data, history=history, files=[],
+                                 startup=startup, weight_dtype=weight_dtype, unet=unet, exit_code=128 + stop.signum if stop.requested else 0)
+        if accelerator.is_main_process:
+            result.files = save(global_step)
+            if not stop.requested:
+                from dti_concepts import plot_training_curves
+
+                plot_training_curves(history, f"{args.output_dir}/training_curves.png")
+                if args.validation_prompt:
+                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
+            if stop.requested:  # before or during the final validation
+                save_checkpoint(global_step)
+                logger.info(f"Stopped at step {global_step}: embeddings and checkpoint-{global_step} saved in {args.output_dir}; "
+                            f"continue with --resume_from_checkpoint latest.")
+                result.exit_code = 128 + stop.signum
+                return result
+            dti.log_nearest_tokens(global_step, embeddings, tokenizers)
+            if args.save_as_full_pipeline:
+                for e in embeddings:
+                    e.fold_into_encoder()
+                StableDiffusionXLPipeline.from_pretrained(**model, vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1]).save_pretrained(
+                    args.output_dir, safe_serialization=not args.no_safe_serialization)
+            if hub_repo:
+                dti.push_output_to_hub(args, hub_repo, embeddings, validation_images, sdxl=True)
+            for e, path in zip(embeddings, result.files):
+                logger.info(f"Done: {e.name}: {len(tokens)} vector(s) of norm {e.vectors().norm(dim=-1).mean().item():.6f} in {path}")
+        return result
 
 
 if __name__ == "__main__":
-    run_main(main, parse_args)
+    raise SystemExit(dti.run_cli(main, parse_args))

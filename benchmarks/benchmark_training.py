@@ -7,8 +7,8 @@ not depend on weight values), saved to a work folder, and trained on generated i
   (a) reference: what diffusers' textual_inversion.py does each step: a PIL dataset decoding, resizing and
       flipping images through a DataLoader and tokenizing there, VAE encode every step, the whole
       vocabulary matrix trainable with AdamW, frozen rows copied back, the loss read back every step;
-  (b) this project: the training script's own main(), whose DTITrainer.fit is replaced by a timer around
-      the real DTITrainer.train_step, so the timed code is the code users run.
+  (b) this project: the training script's own main(), timed through its public callback (called after every
+      optimizer step), so the timed code is the loop users run.
 
 Then, optionally, both end to end as fresh processes for --e2e_steps steps, start-up included.
 
@@ -148,7 +148,7 @@ def reference_run(args, folder, images_dir, steps, warmup):
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from dti_utils import imagenet_templates_small
+    from dti_utils import OBJECT_TEMPLATES as imagenet_templates_small
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
@@ -230,7 +230,7 @@ def reference_run(args, folder, images_dir, steps, warmup):
 
 
 # ----------------------------------------------------------------------------------------------------
-# (b) This project: the script's main() with fit() replaced by a timer around the real train_step
+# (b) This project: the script's own main(), its steps timed from the callback it calls after each one
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -250,43 +250,27 @@ def script_argv(args, folder, images_dir, output_dir, steps, *extra):
 
 
 def project_run(args, folder, images_dir, steps, warmup, *extra):
-    import dti_utils
-
+    """main() of the training script for warmup + steps steps; the median step time of the last `steps`."""
     module = __import__("train_directional_textual_inversion_sdxl" if args.model == "sdxl" else "train_directional_textual_inversion")
-    result = {}
+    result, timer = {}, StepTimer()
 
-    def timed_fit(trainer):
-        start = time.perf_counter()
-        trainer.train_step()
-        trainer.global_step += 1
-        cuda_sync()
-        result["first_step_s"] = time.perf_counter() - start  # includes compiling with --compile
-        for _ in range(warmup - 1):
-            trainer.train_step()
-            trainer.global_step += 1
-        cuda_sync()
-        reset_peak()
-        timer = StepTimer()
-        timer.mark()
-        for _ in range(steps):
-            trainer.train_step()
-            trainer.global_step += 1
+    def callback(step, embeddings, **state):
+        if step == 1:
+            cuda_sync()
+            result["first_step_end"] = time.perf_counter()
+        if step == warmup:
+            cuda_sync()
+            reset_peak()
+        if step >= warmup:
             timer.mark()
-        result.update(ms_per_step=timer.median_ms(), peak_gib=peak_gib())
-        result["vectors"] = torch.cat([c.vectors().detach().float().cpu() for c in trainer.concepts], dim=-1)
-        return trainer.global_step
+        if step == warmup + steps:
+            result.update(ms_per_step=timer.median_ms(), peak_gib=peak_gib())
+            result["vectors"] = torch.cat([e.vectors().detach().float().cpu() for e in embeddings], dim=-1)
 
-    original = dti_utils.DTITrainer.fit
-    dti_utils.DTITrainer.fit = timed_fit
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps, *extra)))
-    finally:
-        dti_utils.DTITrainer.fit = original
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)  # a later run in this process starts afresh
-        GradientState._reset_state()
+    with tempfile.TemporaryDirectory() as out:
+        run = module.main(module.parse_args(script_argv(args, folder, images_dir, out, warmup + steps, *extra)), callback)
+    result["first_step_s"] = result.pop("first_step_end") - run.startup["at"]  # includes the capture or the compile
+    result["startup"] = {k: v for k, v in run.startup.items() if k != "at"}
     return result
 
 

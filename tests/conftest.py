@@ -128,38 +128,38 @@ def sd_argv(pipeline, data, out, *extra, steps=4, seed=0):
     return argv + [str(a) for a in extra]
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def train_module():
     import train_directional_textual_inversion
 
     return train_directional_textual_inversion
 
 
-def run_inprocess(argv):
+def run_inprocess(argv, callback=None):
     """main(parse_args(argv)) in this process (no entry-point error handling); returns main's result."""
     module = train_module()
-    try:
-        return module.main(module.parse_args(list(argv)))
-    finally:
-        _reset_accelerate()
+    return module.main(module.parse_args([str(a) for a in argv]), callback)
 
 
-def run_cli_inprocess(argv):
-    """What the real entry point does, `run_main(main, parse_args)`, in this process: the exit code."""
-    module = train_module()
+def run_cli_inprocess(argv, module=None):
+    """What the real entry point does, `run_cli(main, parse_args)`, in this process: the exit code (argparse's
+    own errors exit 2 through SystemExit, as they do from the command line)."""
+    import dti_utils
+
+    module = module or train_module()
     try:
-        module.run_main(module.main, lambda: module.parse_args(list(argv)))
-        return 0
+        return dti_utils.run_cli(module.main, module.parse_args, [str(a) for a in argv])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        _reset_accelerate()
+
+
+class StepRecorder:
+    """A main() callback that records the optimizer steps a run takes (the public seam for counting them)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, step, **state):
+        self.steps.append(step)
 
 
 def subprocess_env(**extra):

@@ -17,20 +17,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dti_utils import (  # noqa: E402
-    DTIError,
-    DTIWarning,
+from dti_concepts import (  # noqa: E402
     convert_embedding,
     inspect_embedding,
     main,
     plot_training_curves,
-    read_concept,
-    retract,
-    save_embedding_file,
     slerp_embeddings,
-    sphere_angle,
     strip_label_height,
 )
+from dti_utils import DTIError, DTIWarning, read_concept, save_embedding_file  # noqa: E402
+from dti_utils import dist as sphere_angle  # noqa: E402
+from dti_utils import projx as retract  # noqa: E402
 
 EMBEDDING_KEY = "embeddings.token_embedding.weight"
 

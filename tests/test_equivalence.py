@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import ImageOps
 
 import dti_utils
-from dti_utils import LearnedVectors, TrainingData, build_views, diffusion_loss, prompt_templates, step_generator
+from dti_utils import DirectionalEmbedding, TrainingData, build_views, diffusion_loss, encode_views, prompt_templates, step_generator, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,12 @@ def models(tiny_sd):
 
 @pytest.fixture(scope="module")
 def data(models, example_images):
-    images = [dti_utils.square_view(img, 32) for img in dti_utils.load_training_images(example_images)]
-    views, view_index, _ = build_views(images, lambda image, crop: image, lambda image: [None], flip=True)
-    built = TrainingData.build(views, view_index, models["vae"], [models["tokenizer"]], "toy", "object", repeats=3, flip_p=0.5, seed=7, device="cpu")
+    images = [dti_utils.square_view(im.image, 32) for im in dti_utils.load_training_images(example_images)]
+    keys, view_index = build_views(images, lambda image: [None], flip=True)
+    means, stds = encode_views(models["vae"], keys, lambda i, crop: images[i], "cpu", batch_size=3)  # chunks that do not divide the views
+    prompt_ids = tokenize_prompts([models["tokenizer"]], [t.format("toy") for t in prompt_templates("object")], "cpu")
+    built = TrainingData(means, stds, view_index, prompt_ids, repeats=3, flip_p=0.5, seed=7)
+    views = [dti_utils.image_to_tensor(ImageOps.mirror(images[i]) if mirrored else images[i]) for i, mirrored, _ in keys]
     return built, views, images
 
 
@@ -68,7 +72,7 @@ def test_diffusion_loss_equals_the_encode_every_step_reference(models, data):
     vae, unet, scheduler, text_encoder = models["vae"], models["unet"], models["scheduler"], models["text_encoder"]
     batch = built.batch(0, batch_size=2, num_processes=1, rank=0)
     hidden = text_encoder(batch["input_ids"][0])[0]
-    ours = diffusion_loss(unet, scheduler, batch, hidden, step_generator(7, 0, 0, "cpu"), vae.config.scaling_factor, torch.float32)
+    ours = diffusion_loss(unet, scheduler, batch, hidden, step_generator(7, 0, 0, "cpu"), vae.config, torch.float32)
 
     view_ids = [int(torch.nonzero((built.latent_means == m).flatten(1).all(1))[0]) for m in batch["mean"]]
     g = step_generator(7, 0, 0, "cpu")
@@ -96,7 +100,7 @@ def test_placeholder_rows_only_equal_training_the_whole_matrix(tiny_sd):
 
     _, encoder, tokens, ids, init_ids, prompt = setup()
     original = encoder.get_input_embeddings().weight.detach().clone()
-    concept = LearnedVectors(encoder, tokens, ids, init_ids, len(original) - 2, mode="ti")
+    concept = DirectionalEmbedding(encoder, tokens, ids, init_ids, len(original) - 2, norm=None)  # classic TI: the free embedding
     loss_hook = F.mse_loss(encoder(prompt)[0], target)
     loss_hook.backward()
     assert torch.equal(encoder.get_input_embeddings().weight, original)  # the matrix itself is untouched

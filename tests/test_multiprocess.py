@@ -13,35 +13,36 @@ import torch
 from conftest import PLACEHOLDER, REPO_ROOT, SCRIPT, read_embeds, sd_argv, subprocess_env, training_outputs
 
 # Runs the real script's entry point, and after training has every rank dump its own vectors to a rank file.
+# Runs the script's main() as the entry point does, and has every rank dump what main() returns to a rank file.
 WRAPPER = textwrap.dedent(
     """
-    import os, runpy, sys
+    import os, sys
     import torch
-    import dti_utils
 
-    dump_dir = os.environ["DTI_TEST_DUMP_DIR"]
-    original_finish = dti_utils.DTITrainer.finish
+    sys.path.insert(0, os.path.dirname(os.environ["DTI_TEST_SCRIPT"]))
+    import train_directional_textual_inversion as m
 
-    def finish(self):
-        files = original_finish(self)
-        torch.save(
-            {
-                "rank": self.accelerator.process_index,
-                "world": self.accelerator.num_processes,
-                "backend": str(getattr(self.accelerator.state, "backend", "")),
-                "step": self.global_step,
-                "params": [c.param.detach().float().cpu().clone() for c in self.concepts],
-                "vectors": [c.vectors().detach().float().cpu().clone() for c in self.concepts],
-                "effective_lr": self.effective_lr,
-            },
-            os.path.join(dump_dir, f"rank{self.accelerator.process_index}.pt"),
-        )
-        return files
+    seen = {}
 
-    dti_utils.DTITrainer.finish = finish
-    script = os.environ["DTI_TEST_SCRIPT"]
-    sys.argv = [script] + sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
+    def callback(step, optimizer, **state):  # during the run: the process group and the optimizer as they are then
+        dist = torch.distributed
+        seen.update(lr=optimizer.param_groups[0]["lr"], world=dist.get_world_size() if dist.is_initialized() else 1,
+                    backend=dist.get_backend() if dist.is_initialized() else "")
+
+    result = m.main(m.parse_args(), callback=callback)
+    torch.save(
+        {
+            "rank": int(os.environ["RANK"]),
+            "world": seen["world"],
+            "backend": seen["backend"],
+            "step": result.global_step,
+            "params": [e.param.detach().float().cpu().clone() for e in result.embeddings],
+            "vectors": [e.vectors().detach().float().cpu().clone() for e in result.embeddings],
+            "effective_lr": seen["lr"],
+            "files": result.files,
+        },
+        os.path.join(os.environ["DTI_TEST_DUMP_DIR"], f"rank{os.environ['RANK']}.pt"),
+    )
     """
 )
 
@@ -82,6 +83,7 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
     # Both processes joined one gloo group (otherwise each trains alone as rank 0 of 1 and both write the files).
     assert all(d["world"] == 2 and d["step"] == 4 for d in ranks), [(d["rank"], d["world"]) for d in ranks]
     assert all(d["backend"] == "gloo" for d in ranks)
+    assert ranks[0]["files"] and ranks[1]["files"] == []  # only the main process writes
     assert torch.equal(ranks[0]["params"][0], ranks[1]["params"][0])
     assert torch.equal(ranks[0]["vectors"][0], ranks[1]["vectors"][0])
     tensors, meta = read_embeds(out / "learned_embeds.safetensors")
@@ -99,6 +101,6 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
 
     # The checkpoint records the two-process layout and the same vectors.
     state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
-    assert state["layout"] == [2, 1, 1]
+    assert (state["flags"]["num_processes"], state["flags"]["train_batch_size"], state["flags"]["gradient_accumulation_steps"]) == (2, 1, 1)
     assert torch.equal(state["params"][0], ranks[0]["params"][0])
 

@@ -38,7 +38,7 @@ def test_no_torchvision_anywhere():
 
 @pytest.mark.subprocess
 def test_smoke_run_as_written(tmp_path):
-    for name in ("tools", "train_directional_textual_inversion.py", "dti_utils.py"):
+    for name in ("tools", "train_directional_textual_inversion.py", "dti_utils.py", "dti_concepts.py"):
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     for command in readme_block("Smoke run: offline, on a CPU, in under a minute"):

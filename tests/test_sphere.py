@@ -15,12 +15,13 @@ from dti_utils import (
     DTIError,
     RiemannianSGD,
     placeholder_token_list,
-    project_to_tangent,
+    dist,
+    projx,
+    proju,
     resolve_token_scale,
     resolve_tokens,
-    retract,
+    retr,
     slerp,
-    sphere_angle,
     vocabulary_norm_stats,
 )
 
@@ -71,36 +72,41 @@ def rotate_toward(a, b, angle):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_retract_gives_unit_rows_with_the_same_direction():
+def test_projx_gives_unit_rows_with_the_same_direction():
     g = torch.Generator().manual_seed(0)
     scales = torch.logspace(-3, 3, 16).unsqueeze(-1)
     x = torch.randn(16, 32, generator=g) * scales
-    r = retract(x)
+    r = projx(x)
     norms = np.linalg.norm(r.double().numpy(), axis=-1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-6)
     np.testing.assert_allclose(r.double().numpy(), np_unit(x.double().numpy()), atol=1e-6)
-    # Retracting a unit row is (numerically) the identity.
-    np.testing.assert_allclose(retract(r).numpy(), r.numpy(), atol=1e-7)
+    # Projecting a unit row is (numerically) the identity; retr moves along a tangent vector and lands on the sphere.
+    np.testing.assert_allclose(projx(r).numpy(), r.numpy(), atol=1e-7)
+    u = proju(r, torch.randn(16, 32, generator=g) * 0.1)
+    np.testing.assert_allclose(retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6)
 
 
-def test_project_to_tangent_is_orthogonal_and_matches_formula():
+def test_proju_is_orthogonal_and_matches_formula():
     x = random_unit(10, 32, seed=1)
     u = torch.randn(10, 32, generator=torch.Generator().manual_seed(2)) * 5
-    p = project_to_tangent(x, u)
+    p = proju(x, u)
     xd, ud = x.double().numpy(), u.double().numpy()
     ref = ud - (ud * xd).sum(-1, keepdims=True) * xd
     np.testing.assert_allclose(p.double().numpy(), ref, atol=1e-5)
     assert np.abs((p.double().numpy() * xd).sum(-1)).max() < 1e-5
     # Projecting twice changes nothing; a radial vector projects to zero.
-    np.testing.assert_allclose(project_to_tangent(x, p).numpy(), p.numpy(), atol=1e-5)
-    assert project_to_tangent(x, 3.0 * x).abs().max().item() < 1e-6
+    np.testing.assert_allclose(proju(x, p).numpy(), p.numpy(), atol=1e-5)
+    assert proju(x, 3.0 * x).abs().max().item() < 1e-6
 
 
-def test_sphere_angle_matches_numpy():
+def test_dist_matches_numpy_down_to_tiny_angles():
     a = random_unit(6, 16, seed=3) * 0.4
     b = random_unit(6, 16, seed=4) * 7.0
-    np.testing.assert_allclose(sphere_angle(a, b).double().numpy(), np_angle(a.numpy(), b.numpy()), atol=1e-5)
-    assert sphere_angle(a, a).abs().max().item() < 1e-3  # arccos(1) in float32
+    np.testing.assert_allclose(dist(a, b).double().numpy(), np_angle(a.numpy(), b.numpy()), atol=1e-5)
+    assert dist(a, a).abs().max().item() < 1e-6
+    # 1e-4 rad apart: arccos of a float32 cosine would give 0 (or 3.5e-4); the sine part keeps it
+    near = torch.from_numpy(rotate_toward(a.numpy(), b.numpy(), 1e-4)).float()
+    np.testing.assert_allclose(dist(a, near).double().numpy(), 1e-4, rtol=1e-2)
 
 
 def test_slerp_endpoints_midpoint_and_formula():
@@ -124,7 +130,7 @@ def test_slerp_endpoints_midpoint_and_formula():
 
 def test_slerp_tiny_angle_falls_back_to_normalized_lerp():
     a = random_unit(3, 16, seed=7)
-    b = retract(a + 1e-8 * torch.randn(3, 16, generator=torch.Generator().manual_seed(8)))
+    b = projx(a + 1e-8 * torch.randn(3, 16, generator=torch.Generator().manual_seed(8)))
     out = slerp(a, b, 0.5)
     assert torch.isfinite(out).all()
     np.testing.assert_allclose(out.numpy(), a.numpy(), atol=1e-6)
@@ -159,9 +165,13 @@ def test_rsgd_prior_alone_pulls_toward_mu():
     mu = random_unit(4, 32, seed=12)
     other = random_unit(4, 32, seed=13)
     start = torch.from_numpy(rotate_toward(mu.numpy(), other.numpy(), 0.5)).float()
-    p = torch.nn.Parameter(mu.clone())  # the prior is the direction at construction (mu = v0)
+    p = torch.nn.Parameter(mu.clone())  # the prior is the direction at the first step (mu = v0)
     opt = RiemannianSGD([p], lr=lr, kappa=kappa, beta=0.0)
+    assert len(opt.state) == 0  # state is created lazily, like torch.optim.SGD's
+    p.grad = torch.zeros_like(p)
+    opt.step()  # at mu, the prior's pull has no tangent component: nothing moves (but round-off over eps)
     np.testing.assert_allclose(opt.state[p]["prior"].numpy(), mu.numpy(), atol=1e-7)
+    np.testing.assert_allclose(p.detach().numpy(), mu.numpy(), atol=1e-5)
     with torch.no_grad():
         p.copy_(start)
     angles = [np_angle(mu.numpy(), p.detach().numpy())]
@@ -221,7 +231,7 @@ def test_rsgd_nonfinite_gradient_changes_nothing(bad):
     lr, beta, kappa = 0.05, 0.9, 0.2
     p = torch.nn.Parameter(random_unit(3, 16, seed=30))
     opt = RiemannianSGD([p], lr=lr, kappa=kappa, beta=beta)
-    mu = opt.state[p]["prior"].double().numpy()
+    mu = random_unit(3, 16, seed=30).double().numpy()  # the prior: the direction at the first step
     g1 = torch.randn(3, 16, generator=torch.Generator().manual_seed(31))
     p.grad = g1.clone()
     opt.step()
@@ -307,7 +317,21 @@ def test_rsgd_skips_parameters_without_gradient():
     before = p.detach().clone()
     opt.step()  # p.grad is None
     assert torch.equal(p.detach(), before)
-    assert opt.state[p]["step"].item() == 0
+    assert "step" not in opt.state[p]
+
+
+def test_rsgd_add_param_group_then_step():
+    """State is created at a parameter's first step, so a group added later steps like the first one."""
+    p, q = torch.nn.Parameter(random_unit(2, 8, seed=61)), torch.nn.Parameter(random_unit(3, 8, seed=62))
+    opt = RiemannianSGD([p], lr=0.05, kappa=0.2, beta=0.5)
+    opt.add_param_group({"params": [q], "lr": 0.02})
+    grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(63))
+    p.grad, q.grad = torch.randn(2, 8), grad.clone()
+    opt.step()
+    v, s = ref_rsgd_step(random_unit(3, 8, seed=62).double().numpy(), grad.double().numpy(), random_unit(3, 8, seed=62).double().numpy(),
+                         np.zeros((3, 1)), 1, 0.02, 0.2, 0.5)
+    np.testing.assert_allclose(q.detach().double().numpy(), v, atol=2e-6)
+    assert opt.state[q]["step"].item() == 1 and opt.param_groups[1]["kappa"] == 0.2  # the group's defaults filled in
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import dti_utils
 from conftest import (
     PLACEHOLDER,
     SCRIPT,
+    StepRecorder,
     error_lines,
     read_embeds,
     run_cli_inprocess,
@@ -56,20 +57,6 @@ def vocab_id(tokenizer, word):
     return tokenizer.get_vocab()[f"{word}</w>"]
 
 
-class StepCounter:
-    """Counts optimizer steps actually taken (to prove a resume ran only the remaining steps)."""
-
-    def __init__(self, monkeypatch, cls=dti_utils.RiemannianSGD):
-        self.count = 0
-        original = cls.step
-
-        def step(opt, *args, **kwargs):
-            self.count += 1
-            return original(opt, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "step", step)
-
-
 # ----------------------------------------------------------------------------------------------------
 # One run through the real entry point, checked from many sides
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +79,7 @@ def e2e(tiny_sd, example_images, tmp_path_factory):
     return SimpleNamespace(out=out, rc=rc, stdout=stdout, stderr=stderr)
 
 
+@pytest.mark.subprocess
 def test_e2e_exits_cleanly_and_writes_the_expected_files(e2e):
     assert e2e.rc == 0, e2e.stderr[-3000:]
     assert "Traceback" not in e2e.stderr
@@ -104,6 +92,7 @@ def test_e2e_exits_cleanly_and_writes_the_expected_files(e2e):
     assert Image.open(out / "validation" / "step-000004-0.png").size == (32, 32)
 
 
+@pytest.mark.subprocess
 def test_e2e_saved_vectors_have_the_vocabulary_mean_norm(e2e, base_vocab, tokenizer):
     tensors, meta = read_embeds(e2e.out / "learned_embeds.safetensors")
     assert list(tensors) == [PLACEHOLDER]
@@ -119,6 +108,7 @@ def test_e2e_saved_vectors_have_the_vocabulary_mean_norm(e2e, base_vocab, tokeni
     np.testing.assert_allclose(row_norms(steps2[PLACEHOLDER]), base_vocab["mean"], rtol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_e2e_direction_moved_by_at_most_lr_per_step(e2e, base_vocab, tokenizer):
     vectors = read_embeds(e2e.out / "learned_embeds.safetensors")[0][PLACEHOLDER]
     step2 = read_embeds(e2e.out / "learned_embeds-steps-2.safetensors")[0][PLACEHOLDER]
@@ -130,6 +120,7 @@ def test_e2e_direction_moved_by_at_most_lr_per_step(e2e, base_vocab, tokenizer):
     assert np_angle(step2.numpy(), vectors.numpy())[0] > 1e-4  # steps 3 and 4 moved it
 
 
+@pytest.mark.subprocess
 def test_e2e_metadata(e2e, base_vocab, tiny_sd):
     _, meta = read_embeds(e2e.out / "learned_embeds.safetensors")
     assert meta["format"] == "pt"
@@ -145,6 +136,7 @@ def test_e2e_metadata(e2e, base_vocab, tiny_sd):
     assert read_embeds(e2e.out / "learned_embeds-steps-2.safetensors")[1]["steps"] == "2"
 
 
+@pytest.mark.subprocess
 def test_e2e_full_pipeline_keeps_every_other_vocabulary_row(e2e, base_vocab):
     from safetensors.numpy import load_file
     from transformers import CLIPTokenizer
@@ -162,6 +154,7 @@ def test_e2e_full_pipeline_keeps_every_other_vocabulary_row(e2e, base_vocab):
     assert tok.encode(f"a {PLACEHOLDER}", add_special_tokens=False)[-1] == n
 
 
+@pytest.mark.subprocess
 def test_e2e_tensorboard_logs_the_norm(e2e, base_vocab):
     events = glob.glob(str(e2e.out / "logs" / "**" / "events.out.tfevents.*"), recursive=True)
     assert events, os.listdir(e2e.out)
@@ -181,6 +174,7 @@ def test_e2e_tensorboard_logs_the_norm(e2e, base_vocab):
     assert "validation" in acc.Tags()["images"]
 
 
+@pytest.mark.subprocess
 def test_load_textual_inversion_round_trip(e2e, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
@@ -321,8 +315,9 @@ def _dir_size(path):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path, monkeypatch):
-    flags = ("--rsgd_beta", "0.9", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "0.05", "--checkpointing_steps", "4")
+def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path):
+    flags = ("--rsgd_beta", "0.9", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "0.05", "--checkpointing_steps", "4",
+             "--log_steps", "4")
     a, b = tmp_path / "a", tmp_path / "b"
     run_inprocess(sd_args(*flags, "--checkpoints_total_limit", "1", steps=8, out=a))
     # --checkpoints_total_limit 1 keeps only the newest checkpoint; a checkpoint is kilobytes, not a text encoder.
@@ -335,9 +330,9 @@ def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path, monk
     os.remove(b / "learned_embeds.safetensors")
     shutil.rmtree(b / "checkpoint-8")
 
-    counter = StepCounter(monkeypatch)
-    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=8, out=b))
-    assert counter.count == 4  # it really continued from step 4
+    recorder = StepRecorder()
+    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=8, out=b), recorder)
+    assert recorder.steps == [5, 6, 7, 8]  # it really continued from step 4
     ea, meta_a = read_embeds(a / "learned_embeds.safetensors")
     eb, meta_b = read_embeds(b / "learned_embeds.safetensors")
     assert meta_a["steps"] == meta_b["steps"] == "8"
@@ -348,15 +343,12 @@ def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path, monk
     assert sa["global_step"] == sb["global_step"] == 8
     for key in ("prior", "exp_avg_sq", "step"):
         np.testing.assert_allclose(sb["optimizer"]["state"][0][key].numpy(), sa["optimizer"]["state"][0][key].numpy(), atol=1e-6)
-    assert sb["lr_scheduler"]["last_epoch"] == sa["lr_scheduler"]["last_epoch"] == 8
-    # Resuming from a checkpoint by name, past the end, is a no-op that rewrites the same embedding.
-    counter.count = 0
-    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "checkpoint-8", steps=8, out=b))
-    assert counter.count == 0
-    np.testing.assert_array_equal(read_embeds(b / "learned_embeds.safetensors")[0][PLACEHOLDER].numpy(), eb[PLACEHOLDER].numpy())
+    # The training history travels in the checkpoint: the resumed run's curve covers the whole run.
+    assert [h[0] for h in sb["history"]] == [h[0] for h in sa["history"]] == [4, 8]
+    np.testing.assert_allclose(np.array(sb["history"]), np.array(sa["history"]), rtol=1e-5)
 
 
-def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_path, monkeypatch):
+def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_path):
     flags = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "3")
     a, b = tmp_path / "a", tmp_path / "b"
     run_inprocess(sd_args(*flags, steps=6, out=b, seed=None))  # no --seed: one is drawn and stored
@@ -369,9 +361,9 @@ def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_p
 
     os.remove(b / "learned_embeds.safetensors")
     shutil.rmtree(b / "checkpoint-6")
-    counter = StepCounter(monkeypatch)
-    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=6, out=b, seed=None))  # a new seed is drawn, the stored one wins
-    assert counter.count == 3
+    recorder = StepRecorder()
+    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=6, out=b, seed=None), recorder)  # a new seed is drawn, the stored one wins
+    assert recorder.steps == [4, 5, 6]
     eb = read_embeds(b / "learned_embeds.safetensors")[0][PLACEHOLDER]
     np.testing.assert_allclose(eb.numpy(), ea.numpy(), rtol=0, atol=1e-6)
 
@@ -381,7 +373,7 @@ def test_resume_with_other_tokens_is_refused(sd_args, tmp_path, capsys):
     code = run_cli_inprocess(sd_args("--num_vectors", "2", "--resume_from_checkpoint", "latest", steps=4))
     assert code == 2
     lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and "checkpoint-2" in lines[0] and "--optimizer" in lines[0]
+    assert len(lines) == 1 and "checkpoint-2" in lines[0] and "--num_vectors" in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +381,8 @@ def test_resume_with_other_tokens_is_refused(sd_args, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_embedding_and_checkpoint_then_resume_finishes(sd_args, tmp_path, base_vocab, monkeypatch):
+@pytest.mark.subprocess
+def test_sigterm_saves_embedding_and_checkpoint_then_resume_finishes(sd_args, tmp_path, base_vocab):
     out = tmp_path / "out"
     argv = sd_args("--checkpointing_steps", "5", "--checkpoints_total_limit", "2", steps=100000)
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
@@ -421,9 +414,9 @@ def test_sigterm_saves_embedding_and_checkpoint_then_resume_finishes(sd_args, tm
     assert state["global_step"] == stopped
     np.testing.assert_allclose(state["params"][0].numpy() * float(meta["norm"]), tensors[PLACEHOLDER].numpy(), rtol=1e-6, atol=1e-7)
 
-    counter = StepCounter(monkeypatch)
-    run_inprocess(sd_args("--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest", steps=stopped + 2))
-    assert counter.count == 2
+    recorder = StepRecorder()
+    run_inprocess(sd_args("--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest", steps=stopped + 2), recorder)
+    assert recorder.steps == [stopped + 1, stopped + 2]
     tensors2, meta2 = read_embeds(out / "learned_embeds.safetensors")
     assert meta2["steps"] == str(stopped + 2)
     np.testing.assert_allclose(row_norms(tensors2[PLACEHOLDER]), base_vocab["mean"], rtol=1e-5)
@@ -441,7 +434,7 @@ def test_other_files_beside_images_are_skipped_with_a_warning(sd_args, tmp_path,
     (data / "notes.txt").write_text("my cat toy")
     (data / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + os.urandom(64))
     (data / "sub").mkdir()
-    caplog.set_level(logging.INFO, logger="dti")
+    caplog.set_level(logging.INFO)
     run_inprocess(sd_args(data=data, steps=1))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "dti"]
     assert any("notes.txt" in w for w in warnings), warnings
@@ -464,8 +457,8 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
     _save(tmp_path, "c_palette.png", palette)
     _save(tmp_path, "d_grey_alpha.png", Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA"))
     images = dti_utils.load_training_images(str(tmp_path))
-    assert [im.mode for im in images] == ["RGB"] * 4
-    a, b, c, d = (np.asarray(im) for im in images)
+    assert [im.image.mode for im in images] == ["RGB"] * 4
+    a, b, c, d = (np.asarray(im.image) for im in images)
     assert (a[:, :4] == 255).all()  # transparency composited on white
     assert (a[:, 4:] == (200, 10, 10)).all()
     assert (b == 100).all()
@@ -476,7 +469,7 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
 def test_load_training_images_16_bit_greyscale_is_scaled(tmp_path):
     values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
     _save(tmp_path, "g16.png", Image.fromarray(values))
-    image = np.asarray(dti_utils.load_training_images(str(tmp_path))[0]).astype(np.float64)
+    image = np.asarray(dti_utils.load_training_images(str(tmp_path))[0].image).astype(np.float64)
     np.testing.assert_allclose(image[..., 0], values / 257.0, atol=1.0)
 
 
@@ -488,7 +481,7 @@ def test_load_training_images_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
     _save(tmp_path, "rotated.png", Image.fromarray(pixels), exif=exif)
-    image = dti_utils.load_training_images(str(tmp_path))[0]
+    image = dti_utils.load_training_images(str(tmp_path))[0].image
     assert image.size == (20, 40)  # width, height swapped
     np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
 
@@ -561,15 +554,25 @@ def test_bad_resolution_through_the_entry_point(sd_args, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "flags,word",
-    [(["--resolution", "33"], "--resolution"), (["--resolution", "0"], "--resolution"), (["--train_batch_size", "0"], "--train_batch_size"),
-     (["--token_scale", "huge"], "--token_scale"), (["--kappa", "-1"], "--kappa"), (["--rsgd_beta", "1"], "--rsgd_beta"),
-     (["--learning_rate", "0"], "--learning_rate")],
-)
+@pytest.mark.parametrize("flags,word", [(["--resolution", "33"], "--resolution"), (["--token_scale", "huge"], "--token_scale"),
+                                        (["--learning_rate", "0"], "--learning_rate")])
 def test_check_args_names_the_flag(sd_args, flags, word):
     with pytest.raises(dti_utils.DTIError, match=word):
         train_module().parse_args(sd_args(*flags))
+
+
+@pytest.mark.parametrize("flags,word", [
+    (["--resolution", "0"], "--resolution"), (["--train_batch_size", "0"], "--train_batch_size"), (["--kappa", "-1"], "--kappa"),
+    (["--rsgd_beta", "1"], "--rsgd_beta"), (["--lr_scheduler", "typo"], "--lr_scheduler"), (["--report_to", "tensorbord"], "--report_to"),
+    (["--learning_rate", "nan"], "--learning_rate"), (["--kappa", "inf"], "--kappa"), (["--flip_p", "1.5"], "--flip_p"),
+])
+def test_closed_sets_and_ranges_are_argparse_errors(sd_args, flags, word, capsys):
+    """argparse itself refuses them (exit 2, `error: argument --flag: ...`), before anything is imported or loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_module().parse_args(sd_args(*flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {word}" in err, err
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 # conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
-from conftest import REPO_ROOT, _reset_accelerate, read_embeds, sd_argv, subprocess_env
+from conftest import REPO_ROOT, StepRecorder, read_embeds, sd_argv, subprocess_env
 
 import dti_utils
 import train_directional_textual_inversion_sdxl as sdxl
@@ -47,25 +47,9 @@ def sdxl_argv(pipeline, data, out, *extra, steps=4):
                    *extra, steps=steps, seed=0)
 
 
-def run_inprocess(argv, monkeypatch_batch=None):
-    """sdxl.main(sdxl.parse_args(argv)) in this process; returns the DTITrainer (captured at finish())."""
-    captured = []
-    original_finish = dti_utils.DTITrainer.finish
-
-    def finish(self):
-        captured.append(self)
-        return original_finish(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dti_utils.DTITrainer, "finish", finish)
-        if monkeypatch_batch is not None:
-            mp.setattr(dti_utils.TrainingData, "batch", monkeypatch_batch)
-        try:
-            sdxl.main(sdxl.parse_args([str(a) for a in argv]))
-        finally:
-            _reset_accelerate()
-    assert len(captured) == 1
-    return captured[0]
+def run_inprocess(argv, callback=None):
+    """sdxl.main(sdxl.parse_args(argv)) in this process; returns main's result (step, embeddings, optimizer, data)."""
+    return sdxl.main(sdxl.parse_args([str(a) for a in argv]), callback)
 
 
 def token_embedding(pipeline_dir, subfolder):
@@ -324,19 +308,18 @@ def test_pooled_output_is_taken_at_the_placeholder_and_depends_on_it(inference_p
 
 @torch.no_grad()
 def test_hooked_training_path_equals_inference_after_load(inference_pipe, trained, tiny_sdxl):
-    """LearnedVectors (forward hook, frozen matrix) on freshly loaded encoders, param = the trained direction,
+    """DirectionalEmbedding (forward hook, frozen matrix) on freshly loaded encoders, param = the trained direction,
     gives the conditioning the pipeline computes after load_textual_inversion."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizers = [CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
     encoders = [CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")]
-    args = argparse.Namespace(token_scale="mean", optimizer="rsgd")
     concepts = []
     for i, (tok, enc) in enumerate(zip(tokenizers, encoders)):
         enc.eval()
         tokens, init_ids = dti_utils.resolve_tokens(tok, TOKEN, "toy")
-        c = dti_utils.add_concept(args, tok, enc, tokens, init_ids, name=f"enc{i}")
+        c = dti_utils.add_directional_embedding(tok, enc, tokens, init_ids, "mean", name=f"enc{i}")
         c.param.data.copy_(trained[i] / trained[i].norm(dim=-1, keepdim=True))
         # the matrix row itself is not the trained vector: only the hook makes the encoder see it
         assert not torch.allclose(enc.get_input_embeddings().weight[c.token_ids[0]], trained[i][0], atol=1e-4)
@@ -354,15 +337,14 @@ def test_hooked_training_path_equals_inference_after_load(inference_pipe, traine
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. A batch size that does not divide the data: short last batch with its own time ids
+# 5. A batch size that does not divide the data: the last batch wraps around, every view keeps its own time ids
 # ----------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def short_batch_run(tiny_sdxl, sdxl_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl-batch3") / "out"
-    trainer = run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, out, "--train_batch_size", "3", "--repeats", "1", steps=2))
-    return out, trainer
+    return out, run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, out, "--train_batch_size", "3", "--repeats", "1", steps=2))
 
 
 def expected_views(image_dir, center_crop=False, positions=8):
@@ -385,41 +367,67 @@ def expected_views(image_dir, center_crop=False, positions=8):
     return out
 
 
-def test_batch_size_not_dividing_the_data_trains_with_short_batch(short_batch_run, sdxl_images, vocab_means):
-    out, trainer = short_batch_run
-    assert trainer.global_step == 2
+def test_batch_size_not_dividing_the_data_wraps_the_last_batch(short_batch_run, sdxl_images, vocab_means):
+    out, result = short_batch_run
+    assert result.global_step == 2
     for stem, m in (("learned_embeds", vocab_means[0]), ("learned_embeds_2", vocab_means[1])):
         vec = read_embeds(out / f"{stem}.safetensors")[0][TOKEN]
         assert torch.isfinite(vec).all()
         assert abs(vec.double().norm().item() - m) / m < 1e-5
 
-    data = trainer.data
+    data = result.data
     views = expected_views(sdxl_images)
     assert data.latent_means.shape[0] == len(views) == data.extra["time_ids"].shape[0]
     expected_rows = torch.tensor([[h, w, top, left, RES, RES] for (h, w), (top, left) in views], dtype=torch.float32)
     assert torch.equal(data.extra["time_ids"].cpu(), expected_rows)
 
     assert data.steps_per_epoch(3, 1) == 2
-    full, short = data.batch(0, 3, 1, 0), data.batch(1, 3, 1, 0)
-    assert full["mean"].shape[0] == 3 and short["mean"].shape[0] == 1
-    seen_sizes = set()
-    for batch, n in ((full, 3), (short, 1)):
-        assert batch["time_ids"].shape == (n, 6)
-        assert batch["time_ids"].dtype == torch.float32
-        assert [ids.shape for ids in batch["input_ids"]] == [(n, 77), (n, 77)]
-        for j in range(n):
+    first, second = data.batch(0, 3, 1, 0), data.batch(1, 3, 1, 0)
+    assert first["mean"].shape[0] == second["mean"].shape[0] == 3  # one input shape for the whole run (one CUDA graph)
+    images_seen = []
+    for batch in (first, second):
+        assert batch["time_ids"].shape == (3, 6) and batch["time_ids"].dtype == torch.float32
+        assert [ids.shape for ids in batch["input_ids"]] == [(3, 77), (3, 77)]
+        for j in range(3):
             # which cached view is this sample? its latent mean says; its time ids must be that view's
             match = [v for v in range(data.latent_means.shape[0]) if torch.equal(data.latent_means[v], batch["mean"][j])]
             assert len(match) == 1
             (h, w), (top, left) = views[match[0]]
-            row = batch["time_ids"][j].tolist()
-            assert row == [h, w, top, left, RES, RES]
-            assert (h, w) in {(hh, ww) for ww, hh in IMAGE_SIZES}
+            assert batch["time_ids"][j].tolist() == [h, w, top, left, RES, RES]
             resized_w = round(w * RES / min(w, h))
             assert top == 0 and 0 <= left <= resized_w - RES
-            seen_sizes.add((h, w))
-    # one epoch (repeats 1) visits every image exactly once over the full and the short batch
-    assert seen_sizes == {(h, w) for w, h in IMAGE_SIZES}
+            images_seen.append((h, w))
+    # one epoch (repeats 1) visits every image once; the last two places wrap around to the epoch's first two images
+    assert set(images_seen[:4]) == {(h, w) for w, h in IMAGE_SIZES}
+    assert images_seen[4:] == images_seen[:2]
+
+
+def test_every_cached_view_is_its_crop_or_mirrored_crop_with_matching_time_ids(tiny_sdxl, sdxl_images, tmp_path):
+    """Each cached latent is the VAE's encoding of the crop computed here independently (mirrored for flipped views),
+    and a mirrored view's time ids carry the crop-left of the mirrored crop."""
+    from diffusers import AutoencoderKL
+    from PIL import Image, ImageOps
+
+    result = run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, tmp_path / "out", "--flip_p", "0.5", "--crop_positions", "3", steps=1))
+    data = result.data
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    names = sorted(n for n in os.listdir(sdxl_images) if n.endswith(".png"))
+    assert tuple(data.view_index.shape) == (4, 2, 3)
+    for i, name in enumerate(names):
+        image = Image.open(os.path.join(sdxl_images, name)).convert("RGB")
+        w, h = image.size
+        resized = image.resize((max(RES, round(w * RES / min(w, h))), max(RES, round(h * RES / min(w, h)))), Image.Resampling.BICUBIC)
+        free = resized.width - RES
+        corners = list(dict.fromkeys(round(free * k / 2) for k in range(3)))  # 3 positions along the width (height is the short side)
+        for c in range(3):
+            left = corners[c % len(corners)]
+            crop = resized.crop((left, 0, left + RES, RES))
+            for flip, view_image, time_left in ((0, crop, left), (1, ImageOps.mirror(crop), free - left)):
+                v = int(data.view_index[i, flip, c])
+                with torch.no_grad():
+                    want = vae.encode(dti_utils.image_to_tensor(view_image)[None]).latent_dist.mean[0]
+                torch.testing.assert_close(data.latent_means[v], want, rtol=1e-5, atol=1e-5)
+                assert data.extra["time_ids"][v].tolist() == [h, w, 0, time_left, RES, RES]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,26 +438,24 @@ def test_batch_size_not_dividing_the_data_trains_with_short_batch(short_batch_ru
 @pytest.fixture(scope="module")
 def bf16_run(tiny_sdxl, sdxl_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl-bf16") / "out"
-    trainer = run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, out, "--mixed_precision", "bf16", "--center_crop", "--train_batch_size", "2", steps=2))
-    return out, trainer
+    return out, run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, out, "--mixed_precision", "bf16", "--center_crop", "--train_batch_size", "2", steps=2))
 
 
 def test_bf16_keeps_directions_and_optimizer_state_float32(bf16_run, vocab_means):
-    out, trainer = bf16_run
-    assert trainer.weight_dtype == torch.bfloat16
-    assert trainer.global_step == 2
-    unet = trainer.make_pipeline().unet
-    assert next(unet.parameters()).dtype == torch.bfloat16
-    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    out, result = bf16_run
+    assert result.weight_dtype == torch.bfloat16
+    assert result.global_step == 2
+    assert next(result.unet.parameters()).dtype == torch.bfloat16
+    optimizer = result.optimizer.optimizer  # accelerate's wrapper around it
     assert isinstance(optimizer, dti_utils.RiemannianSGD)
-    for c in trainer.concepts:
+    for c in result.embeddings:
         assert c.param.dtype == torch.float32
         assert c.vectors().dtype == torch.float32
         assert torch.allclose(c.param.norm(dim=-1), torch.ones(c.param.shape[0]), atol=1e-6)
         state = optimizer.state[c.param]
         assert state["prior"].dtype == state["exp_avg_sq"].dtype == state["step"].dtype == torch.float32
         assert state["step"].item() == 2
-        assert dti_utils.sphere_angle(c.param, state["prior"]).max().item() > 1e-5  # it trained
+        assert dti_utils.dist(c.param, state["prior"]).max().item() > 1e-5  # it trained
     for stem, m in (("learned_embeds", vocab_means[0]), ("learned_embeds_2", vocab_means[1])):
         vec = read_embeds(out / f"{stem}.safetensors")[0][TOKEN]
         assert vec.dtype == torch.float32
@@ -459,8 +465,8 @@ def test_bf16_keeps_directions_and_optimizer_state_float32(bf16_run, vocab_means
 
 
 def test_center_crop_run_caches_one_view_per_image(bf16_run):
-    _, trainer = bf16_run
-    data = trainer.data
+    _, result = bf16_run
+    data = result.data
     assert tuple(data.view_index.shape) == (4, 1, 1)
     assert data.latent_means.shape[0] == 4
     rows = data.extra["time_ids"].cpu().tolist()
@@ -483,17 +489,10 @@ def test_resume_from_checkpoint_continues_exactly(tiny_sdxl, sdxl_images, tmp_pa
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    calls = []
-    original_batch = dti_utils.TrainingData.batch
-
-    def counting_batch(self, micro_step, *a, **k):
-        calls.append(micro_step)
-        return original_batch(self, micro_step, *a, **k)
-
-    trainer = run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, resumed, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest", steps=6),
-                            monkeypatch_batch=counting_batch)
-    assert calls == [3, 4, 5]  # only the remaining steps ran, at their own data positions
-    assert trainer.global_step == 6
+    recorder = StepRecorder()
+    result = run_inprocess(sdxl_argv(tiny_sdxl, sdxl_images, resumed, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest", steps=6), recorder)
+    assert recorder.steps == [4, 5, 6]  # only the remaining steps ran
+    assert result.global_step == 6
 
     for stem in ("learned_embeds", "learned_embeds_2"):
         a = read_embeds(full / f"{stem}.safetensors")[0][TOKEN]
@@ -514,19 +513,12 @@ def test_resume_from_checkpoint_continues_exactly(tiny_sdxl, sdxl_images, tmp_pa
 _RANK_WRAPPER = textwrap.dedent("""
     import os, sys
     import torch
-    import dti_utils
-
-    _finish = dti_utils.DTITrainer.finish
-
-    def finish(self):
-        torch.save([c.param.detach().float().cpu().clone() for c in self.concepts],
-                   os.path.join(self.output_dir, f"params-rank{self.rank}-of-{self.world}.pt"))
-        return _finish(self)
-
-    dti_utils.DTITrainer.finish = finish
     import train_directional_textual_inversion_sdxl as m
 
-    m.run_main(m.main, m.parse_args)
+    result = m.main(m.parse_args())  # the script's own main; its return value carries every rank's vectors
+    world = int(os.environ["WORLD_SIZE"])
+    torch.save([e.param.detach().float().cpu().clone() for e in result.embeddings],
+               os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"params-rank{os.environ['RANK']}-of-{world}.pt"))
 """)
 
 
@@ -573,7 +565,7 @@ def _resized_images(image_dir):
 
     names = sorted(n for n in os.listdir(image_dir) if n.endswith(".png"))
     images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in names]
-    return images, [sdxl.resized_shorter_side(im, RES) for im in images]
+    return images, [dti_utils.resized_shorter_side(im, RES) for im in images]
 
 
 def _crop(image, corner):
@@ -584,11 +576,10 @@ def _crop(image, corner):
 def test_center_crop_gives_one_view_per_image(sdxl_images):
     _, resized = _resized_images(sdxl_images)
     assert [im.size for im in resized] == [(round(w * RES / h), RES) for w, h in IMAGE_SIZES]
-    views, view_index, keys = dti_utils.build_views(resized, _crop, lambda im: sdxl.crop_positions(im, RES, True, 8), flip=False)
-    assert len(views) == 4 and tuple(view_index.shape) == (4, 1, 1)
+    keys, view_index = dti_utils.build_views(resized, lambda im: dti_utils.crop_positions(im, RES, True, 8), flip=False)
+    assert len(keys) == 4 and tuple(view_index.shape) == (4, 1, 1)
     for i, (im, (_, _, (top, left))) in enumerate(zip(resized, keys)):
         assert (top, left) == (0, (im.width - RES) // 2)
-        assert torch.equal(views[i], dti_utils.image_to_tensor(_crop(im, (top, left))))
 
 
 @pytest.mark.parametrize("positions", [8, 3])
@@ -596,17 +587,17 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
     _, resized = _resized_images(sdxl_images)
     # the crop helper: `positions` evenly spaced corners along the long side, ends included
     big = resized[3]  # 44 x 32: 12 free pixels, room for 8 distinct positions
-    corners = sdxl.crop_positions(big, RES, False, positions)
+    corners = dti_utils.crop_positions(big, RES, False, positions)
     assert len(corners) == positions == len(set(corners))
     assert corners[0] == (0, 0) and corners[-1] == (0, big.width - RES)
     assert all(t == 0 and 0 <= left <= big.width - RES for t, left in corners)
-    assert sdxl.crop_positions(resized[0], RES, False, positions) == [(0, 0)]  # square: one view
+    assert dti_utils.crop_positions(resized[0], RES, False, positions) == [(0, 0)]  # square: one view
 
-    views, view_index, keys = dti_utils.build_views(resized, _crop, lambda im: sdxl.crop_positions(im, RES, False, positions), flip=False)
+    keys, view_index = dti_utils.build_views(resized, lambda im: dti_utils.crop_positions(im, RES, False, positions), flip=False)
     expected = expected_views(sdxl_images, positions=positions)
     sizes = [(h, w) for w, h in IMAGE_SIZES]
     assert [(sizes[i], crop) for i, _, crop in keys] == expected
-    assert len(views) == len(expected)
+    assert len(keys) == len(expected)
     assert tuple(view_index.shape) == (4, 1, positions)
     per_image = [len(set(view_index[i, 0].tolist())) for i in range(4)]
     distinct = [len({c for (hw, c) in expected if hw == (h, w)}) for w, h in IMAGE_SIZES]
@@ -616,9 +607,7 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
         assert per_image == [1, 3, 3, 3]  # every non-square image: --crop_positions distinct crops
     else:
         assert per_image[2:] == [8, 8]  # enough free pixels: 8 distinct crops
-    for v, (i, mirrored, crop) in enumerate(keys):
-        assert not mirrored
-        assert torch.equal(views[v], dti_utils.image_to_tensor(_crop(resized[i], crop)))
+    assert not any(mirrored for _, mirrored, _ in keys)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -629,11 +618,11 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
 def test_concept_tools_on_sdxl_training_output(e2e_run, trained, vocab_means, tiny_sdxl, tmp_path, capsys):
     import json
 
-    import dti_utils
+    import dti_concepts
 
     out, _ = e2e_run
     # slerp between the final single file and the step-2 snapshot: per-encoder norms stay at each encoder's m
-    assert dti_utils.main(["slerp", str(out / "toy.safetensors"), str(out / "toy-steps-2.safetensors"),
+    assert dti_concepts.main(["slerp", str(out / "toy.safetensors"), str(out / "toy-steps-2.safetensors"),
                            "--alpha", "0.5", "--token", "<mix>", "--output", str(tmp_path / "mix")]) == 0
     blended = [read_embeds(tmp_path / "mix" / f"{stem}.safetensors")[0]["<mix>"] for stem in ("learned_embeds", "learned_embeds_2")]
     for vectors, expected in zip(blended, vocab_means):
@@ -645,14 +634,14 @@ def test_concept_tools_on_sdxl_training_output(e2e_run, trained, vocab_means, ti
 
     # inspect: both encoders, each at 1.0x its own vocabulary mean
     capsys.readouterr()
-    assert dti_utils.main(["inspect", str(out), "--model", str(tiny_sdxl), "--json"]) == 0
+    assert dti_concepts.main(["inspect", str(out), "--model", str(tiny_sdxl), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sdxl"] is True and set(report["encoders"]) == {"text_encoder", "text_encoder_2"}
     for name in ("text_encoder", "text_encoder_2"):
         assert abs(report["encoders"][name]["vectors"][0]["norm_to_vocab_mean"] - 1.0) < 1e-5
 
     # convert: folder -> single clip_l/clip_g file -> folder is bit-exact
-    assert dti_utils.main(["convert", str(out), "--to", "comfyui", "--output", str(tmp_path / "toy.safetensors")]) == 0
-    assert dti_utils.main(["convert", str(tmp_path / "toy.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "back")]) == 0
+    assert dti_concepts.main(["convert", str(out), "--to", "comfyui", "--output", str(tmp_path / "toy.safetensors")]) == 0
+    assert dti_concepts.main(["convert", str(tmp_path / "toy.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "back")]) == 0
     back = [read_embeds(tmp_path / "back" / f"{stem}.safetensors")[0][TOKEN] for stem in ("learned_embeds", "learned_embeds_2")]
     assert all(torch.equal(a, b) for a, b in zip(back, trained))

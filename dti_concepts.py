@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, picture.
+
+    python dti_concepts.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
+    python dti_concepts.py inspect EMB [--model MODEL] [--k 5] [--json]
+    python dti_concepts.py convert EMB --to diffusers|a1111|comfyui --output OUT
+
+Inputs are training output folders, diffusers files, AUTOMATIC1111 .pt/.safetensors and the SDXL clip_l/clip_g
+single file, detected automatically (dti_utils reads and writes every form). The same functions are importable:
+slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, render_interpolation, plot_training_curves.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+import torch
+from PIL import Image
+
+from dti_utils import (
+    CONVERT_TARGETS, ENCODERS, EMBEDDING_EXTENSIONS, SINGLE_FILE_KEYS, ConceptEmbedding, DTIError, DTIWarning, __version__, _atomic_write, _norm_or_none,
+    dist, embedding_slug, initializer_ids, nearest_vocabulary_tokens, placeholder_token_list, read_concept, slerp, vocabulary_norm_stats,
+    write_concept, write_diffusers,
+)
+
+__all__ = ["check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip", "render_interpolation", "inspect_embedding",
+           "format_inspection", "convert_embedding", "plot_training_curves", "main"]
+
+
+def _check_token(token, flag="--token"):
+    if not token or not token.strip() or any(c.isspace() for c in token):
+        raise DTIError(f"{flag} {token!r} must be a single word without white space, such as '<mix>'.")
+    return token
+
+
+def convert_embedding(path, to, output):
+    """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written."""
+    return write_concept(read_concept(path), output, to)
+
+
+# -- slerp --------------------------------------------------------------------------------------------
+
+
+def _row_norms(x):
+    return x.double().norm(dim=-1)
+
+
+def check_slerp_pair(a, b):
+    """Raise DTIError when two concepts cannot be blended; warn when their norms or base models differ."""
+    if set(a.vectors) != set(b.vectors):
+        raise DTIError(f"{a.describe()} but {b.describe()}; slerp needs two embeddings for the same kind of model.")
+    for name in a.vectors:
+        va, vb = a.vectors[name], b.vectors[name]
+        if va.shape[0] != vb.shape[0]:
+            raise DTIError(f"{a.source} has {va.shape[0]} vector(s) but {b.source} has {vb.shape[0]} vector(s)"
+                           f"{' (' + name + ')' if a.sdxl else ''}; slerp needs the same number of vectors in both.")
+        if va.shape[1] != vb.shape[1]:
+            raise DTIError(f"{a.source} has {va.shape[1]}-dim vectors but {b.source} has {vb.shape[1]}-dim ones ({name}); "
+                           f"they were trained for different text encoders and cannot be blended.")
+        for src, v in ((a.source, va), (b.source, vb)):
+            if not torch.isfinite(v).all() or (_row_norms(v) == 0).any():
+                raise DTIError(f"{src} holds a zero or non-finite vector ({name}); it has no direction to interpolate.")
+        if (dist(va.double(), vb.double()) > math.pi - 1e-4).any():
+            raise DTIError(f"{a.source} and {b.source} have a pair of opposite vectors ({name}); no unique path joins them on the sphere.")
+        na, nb = _row_norms(va), _row_norms(vb)
+        if not torch.allclose(na, nb, rtol=1e-5, atol=0):
+            warnings.warn(
+                f"{a.source} and {b.source} have different norms ({name}: {_fmt_norms(na)} vs {_fmt_norms(nb)}), as a classic "
+                f"textual-inversion file does: the direction is slerped and the norm interpolated linearly.", DTIWarning)
+    bases = [c.metadata.get("text_encoder", {}).get("base_model") for c in (a, b)]
+    if all(bases) and bases[0] != bases[1]:
+        warnings.warn(f"{a.source} was trained on {bases[0]} and {b.source} on {bases[1]}; the blend may not mean much.", DTIWarning)
+
+
+def _fmt_norms(norms):
+    return ", ".join(f"{float(n):.4g}" for n in norms)
+
+
+def slerp_concepts(a, b, alpha, token):
+    """The blend of two concepts at fraction alpha (0 gives a, 1 gives b), per text encoder and per vector:
+    direction by spherical interpolation, norm linearly ((1 - alpha) |a| + alpha |b|; equal norms stay exact).
+    Call check_slerp_pair(a, b) first for the checks and warnings."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
+    vectors, metadata = {}, {}
+    for name in a.vectors:
+        va, vb = a.vectors[name].float(), b.vectors[name].float()
+        if alpha == 0.0:
+            blend = va.clone()
+        elif alpha == 1.0:
+            blend = vb.clone()
+        else:
+            norm = (1.0 - alpha) * _row_norms(va) + alpha * _row_norms(vb)
+            blend = (slerp(va.double(), vb.double(), alpha).double() * norm.unsqueeze(-1)).float()
+        vectors[name] = blend
+        norms = _row_norms(blend)
+        uniform = bool((norms.max() - norms.min()) <= 1e-6 * norms.max())
+        metadata[name] = {
+            "method": "slerp",
+            "dti_version": __version__,
+            "sources": json.dumps([a.source, b.source]),
+            "source_tokens": json.dumps([a.token, b.token]),
+            "alpha": repr(alpha),
+            "norm": repr(float(norms.mean())) if uniform else json.dumps([float(n) for n in norms]),
+        }
+        stated = a.metadata[name].get("norm")
+        if uniform and stated == b.metadata[name].get("norm") and _norm_or_none(stated):
+            if abs(float(norms.mean()) - float(stated)) <= 1e-6 * float(stated):
+                metadata[name]["norm"] = stated  # both inputs state the same m and the blend has it
+        base = a.metadata[name].get("base_model") or b.metadata[name].get("base_model")
+        if base:
+            metadata[name]["base_model"] = base
+    return ConceptEmbedding(token, vectors, metadata, source=None, form="diffusers-folder")
+
+
+def _alpha_folder(output, alpha):
+    return os.path.join(output, f"alpha-{alpha:g}")
+
+
+def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30):
+    """Blend two embeddings (files or training folders, SD or SDXL) at each alpha and write training-style folders:
+    OUTPUT itself for one alpha, OUTPUT/alpha-A for several. With render=MODEL, also OUTPUT/interpolation.png.
+    Returns {"folders": [...], "alphas": [...], "strip": path or None}."""
+    if output.lower().endswith(EMBEDDING_EXTENSIONS):
+        raise DTIError(f"--output {output} looks like a file; slerp writes a folder (like a training output), pass a folder name.")
+    alphas = list(dict.fromkeys(float(x) for x in alphas))
+    if not alphas:
+        raise DTIError("--alpha needs at least one value in [0, 1].")
+    for alpha in alphas:
+        if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
+            raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
+    if render is not None and "{}" not in prompt:
+        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    a, b = read_concept(a_path), read_concept(b_path)
+    if token is None:
+        token = f"<{embedding_slug(a.token)}-{embedding_slug(b.token)}>"
+    _check_token(token)
+    check_slerp_pair(a, b)
+    folders = []
+    for alpha in alphas:
+        folder = output if len(alphas) == 1 else _alpha_folder(output, alpha)
+        write_diffusers(slerp_concepts(a, b, alpha, token), folder, single_file=True)
+        folders.append(folder)
+    strip = None
+    if render is not None:
+        strip = render_interpolation(render, folders, alphas, prompt, seed=seed, steps=steps,
+                                     output_path=os.path.join(output, "interpolation.png"), token=token)
+    return {"folders": folders, "alphas": alphas, "strip": strip}
+
+
+def strip_label_height(image_height):
+    """Height in pixels of the label band under each image of an interpolation strip."""
+    return max(16, image_height // 12)
+
+
+def interpolation_strip(images, labels):
+    """Images side by side (all resized to the first one's size), each label centred in a white band below."""
+    from PIL import ImageDraw, ImageFont
+
+    if not images:
+        raise DTIError("No images to put in the strip.")
+    from diffusers.utils import make_image_grid
+
+    w, h = images[0].size
+    band = strip_label_height(h)
+    strip = Image.new("RGB", (w * len(images), h + band), "white")
+    strip.paste(make_image_grid([im.convert("RGB").resize((w, h)) for im in images], rows=1, cols=len(images)), (0, 0))
+    draw = ImageDraw.Draw(strip)
+
+    def font_of(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            return ImageFont.load_default()
+
+    for i, label in enumerate(labels):
+        # The largest font (up to 60% of the band) whose text fits the image width; tiny images get the bare number.
+        for text in (label, label.split()[-1]):
+            for size in range(max(8, int(band * 0.6)), 5, -1):
+                font = font_of(size)
+                left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+                if right - left <= w - 2:
+                    break
+            if right - left <= w - 2:
+                break
+        x = i * w + (w - (right - left)) / 2 - left
+        y = h + (band - (bottom - top)) / 2 - top
+        draw.text((x, y), text, fill="black", font=font)
+    return strip
+
+
+def _load_render_pipeline(model):
+    from diffusers import DiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except Exception as e:
+        raise DTIError(f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD or SDXL pipeline folder.")
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise DTIError(f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an SD or SDXL pipeline.")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_into_pipeline(pipe, folder, token, model):
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    concept = read_concept(folder)
+    if concept.sdxl != sdxl:
+        raise DTIError(f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for {'SDXL' if concept.sdxl else 'SD'}; "
+                       f"pass the base model they were trained on.")
+    try:
+        if sdxl:
+            pipe.load_textual_inversion(folder, weight_name="learned_embeds.safetensors", token=token,
+                                        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(folder, weight_name="learned_embeds_2.safetensors", token=token,
+                                        text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(folder, token=token)
+    except ValueError as e:
+        raise DTIError(f"The embedding in {folder} does not fit --render {model} ({e}); pass the base model it was trained on.")
+
+
+def render_interpolation(model, folders, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"):
+    """Load the pipeline once, load each blended embedding under its own token, render the prompt with the
+    same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
+    if "{}" not in prompt:
+        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    if steps < 1:
+        raise DTIError(f"--steps must be at least 1, not {steps}.")
+    pipe = _load_render_pipeline(model)
+    base = embedding_slug(token)
+    images = []
+    for i, folder in enumerate(folders):
+        distinct = f"<{base}-alpha{i}>"
+        _load_into_pipeline(pipe, folder, distinct, model)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        images.append(pipe(prompt.replace("{}", distinct), num_inference_steps=steps, generator=generator).images[0])
+    strip = interpolation_strip(images, [f"alpha {alpha:g}" for alpha in alphas])
+    _atomic_write(output_path, lambda tmp: strip.save(tmp, format="PNG"))
+    return output_path
+
+
+# -- inspect ------------------------------------------------------------------------------------------
+
+
+def _input_embedding_weight(model, name):
+    """The text encoder's token embedding matrix (V, dim), float32: read straight from the safetensors of a
+    local pipeline folder when possible, else through transformers (local folder or Hub id)."""
+    folder = os.path.join(model, name)
+    if os.path.isdir(folder):
+        from safetensors import safe_open
+
+        for file in sorted(os.listdir(folder)):
+            if file.endswith(".safetensors"):
+                with safe_open(os.path.join(folder, file), framework="pt") as f:
+                    for key in f.keys():
+                        if key.endswith("token_embedding.weight"):
+                            return f.get_tensor(key).float()
+    elif os.path.isdir(model):
+        raise DTIError(f"--model {model} has no {name} folder; pass a diffusers pipeline folder of the base model.")
+    from transformers import CLIPTextModel
+
+    try:
+        encoder = CLIPTextModel.from_pretrained(model, subfolder=name)
+    except Exception as e:
+        raise DTIError(f"--model {model}: its {name} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
+    return encoder.get_input_embeddings().weight.detach().float()
+
+
+def _load_tokenizer(model, name):
+    from transformers import AutoTokenizer
+
+    sub = "tokenizer" if name == "text_encoder" else "tokenizer_2"
+    try:
+        return AutoTokenizer.from_pretrained(model, subfolder=sub)
+    except Exception as e:
+        raise DTIError(f"--model {model}: its {sub} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
+
+
+def inspect_embedding(path, model=None, k=5):
+    """What an embedding holds, as a dict (the --json output). Per encoder and vector: the norm; with a model,
+    the vocabulary's norm statistics, the norm relative to their mean, the k nearest vocabulary tokens by
+    cosine, and the angle to the initializer named in the metadata."""
+    if k < 1:
+        raise DTIError(f"--k must be at least 1, not {k}.")
+    concept = read_concept(path)
+    tokens = placeholder_token_list(concept.token, concept.num_vectors)
+    report = {"path": path, "form": concept.form, "token": concept.token, "tokens": tokens,
+              "num_vectors": concept.num_vectors, "sdxl": concept.sdxl, "model": model, "encoders": {}}
+    for name, vecs in concept.vectors.items():
+        vecs = vecs.float()
+        meta = concept.metadata.get(name, {})
+        norms = vecs.norm(dim=-1)
+        entry = {"dim": vecs.shape[1], "file_key": SINGLE_FILE_KEYS[name] if concept.form == "sdxl-single-file" else None,
+                 "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i])} for i in range(len(vecs))]}
+        if model is not None:
+            # A learned_embeds_2 file passed alone is read as one encoder; its metadata says which one it is.
+            model_encoder = meta.get("text_encoder") if not concept.sdxl and meta.get("text_encoder") in ENCODERS else name
+            weight = _input_embedding_weight(model, model_encoder)
+            tokenizer = _load_tokenizer(model, model_encoder)
+            if weight.shape[1] != vecs.shape[1]:
+                raise DTIError(f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has {weight.shape[1]}-dim rows; "
+                               f"pass the base model it was trained on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}.")
+            weight = weight[: min(weight.shape[0], tokenizer.vocab_size)]  # the base vocabulary, no added tokens
+            stats = vocabulary_norm_stats(weight)
+            entry["vocabulary"] = {"size": weight.shape[0], **stats}
+            near = nearest_vocabulary_tokens(vecs, weight, tokenizer, k)
+            init_rows = None
+            initializer = meta.get("initializer_token")
+            if initializer:
+                entry["initializer_token"] = initializer
+                try:
+                    init_rows = weight[initializer_ids(tokenizer, initializer, len(vecs))]
+                except DTIError as e:  # the file's initializer does not fit this model: report it, no angle
+                    entry["initializer_note"] = str(e)
+            angles = torch.rad2deg(dist(vecs, init_rows)) if init_rows is not None else None
+            for i, item in enumerate(entry["vectors"]):
+                item["norm_to_vocab_mean"] = item["norm"] / stats["mean"]
+                item["nearest"] = [{"token": token, "id": j, "cosine": c} for token, j, c in near[i]]
+                item["angle_to_initializer_deg"] = float(angles[i]) if angles is not None else None
+        report["encoders"][name] = entry
+    return report
+
+
+def format_inspection(report):
+    """The human-readable text of an inspect_embedding() report."""
+    lines = [f"{report['token']}: {report['num_vectors']} vector(s), {'SDXL' if report['sdxl'] else 'SD'}, "
+             f"{report['form']} form, from {report['path']}"]
+    for name, entry in report["encoders"].items():
+        meta = entry["metadata"]
+        head = f"{name}{' (' + entry['file_key'] + ')' if entry.get('file_key') else ''}: dim {entry['dim']}"
+        if meta.get("method"):
+            head += f", method {meta['method']}"
+        if meta.get("norm"):
+            head += f", norm in metadata {meta['norm']}"
+        lines.append(head)
+        vocab = entry.get("vocabulary")
+        if vocab:
+            lines.append(f"  vocabulary norms ({vocab['size']} rows): mean {vocab['mean']:.4f}, min {vocab['min']:.4f}, max {vocab['max']:.4f}")
+        if entry.get("initializer_note"):
+            lines.append(f"  no angle to the initializer: {entry['initializer_note']}")
+        for item in entry["vectors"]:
+            text = f"  [{item['index']}] {item['token']}: norm {item['norm']:.4f}"
+            if "norm_to_vocab_mean" in item:
+                text += f" ({item['norm_to_vocab_mean']:.2f}x vocabulary mean)"
+            if item.get("angle_to_initializer_deg") is not None:
+                text += f", {item['angle_to_initializer_deg']:.1f} deg from initializer {entry['initializer_token']!r}"
+            lines.append(text)
+            if item.get("nearest"):
+                lines.append("      nearest: " + ", ".join(f"{n['token']} ({n['cosine']:.3f})" for n in item["nearest"]))
+    first = next(iter(report["encoders"].values()))["metadata"]
+    shown = {k: v for k, v in first.items() if k not in ("format",)}
+    if shown:
+        lines.append("metadata: " + "; ".join(f"{k}={v}" for k, v in shown.items()))
+    if report["model"] is None:
+        base = first.get("base_model")
+        lines.append(f"Pass --model {base or 'BASE_MODEL'} for vocabulary norms, nearest tokens and the angle to the initializer.")
+    return "\n".join(lines)
+
+
+# -- training curves ----------------------------------------------------------------------------------
+
+
+def plot_training_curves(history, path):
+    """Write a PNG with three panels against the step: loss, norm, angle from the initializer (degrees).
+
+    history: a list of (step, loss, norm, angle_deg). Drawn with matplotlib's Agg canvas (no display and no
+    change to pyplot's global backend). Returns path, or None when history is empty (nothing is written).
+    """
+    rows = [tuple(float(x) if x is not None else float("nan") for x in entry[:4]) for entry in history]
+    if not rows:
+        warnings.warn(f"No training history to plot; {path} was not written.", DTIWarning)
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DTIError("matplotlib is needed to plot training curves; pip install matplotlib.")
+    steps, loss, norm, angle = zip(*rows)
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    marker = "." if len(rows) <= 60 else None
+    for ax, values, title, ylabel in zip(fig.subplots(1, 3), (loss, norm, angle),
+                                         ("loss", "embedding norm", "angle from initializer"), ("loss", "L2 norm", "degrees")):
+        ax.plot(steps, values, marker=marker, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        finite = [v for v in values if math.isfinite(v)]
+        if ylabel == "L2 norm" and finite and max(finite) - min(finite) < 1e-3 * max(finite):
+            # A fixed DTI norm: show it flat at its value, not float32 round-off magnified to fill the axis.
+            ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
+            ax.ticklabel_format(axis="y", useOffset=False)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def build_concept_parser():
+    parser = argparse.ArgumentParser(
+        prog="dti_concepts.py",
+        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("slerp", help="blend two embeddings on the sphere", description=(
+        "Blend two embeddings (files or training output folders, SD or SDXL): the direction by spherical interpolation, "
+        "the norm linearly (DTI embeddings share the norm m, so blends keep it exactly). Writes training-style folders "
+        "that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, OUTPUT/alpha-A for several."))
+    p.add_argument("a", metavar="A", help="First embedding (alpha 0): file or training output folder.")
+    p.add_argument("b", metavar="B", help="Second embedding (alpha 1).")
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="Fractions in [0, 1] (several give one folder each). Default 0.5.")
+    p.add_argument("--token", default=None, help="Token of the blend, e.g. '<mix>'. Default: '<A-B>' from the inputs' tokens.")
+    p.add_argument("--output", required=True, help="Output folder.")
+    p.add_argument("--render", metavar="MODEL", default=None, help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png.")
+    p.add_argument("--prompt", default="a photo of {}", help="Prompt for --render; {} is replaced by the token. Default 'a photo of {}'.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for --render, the same for every alpha. Default 0.")
+    p.add_argument("--steps", type=int, default=30, help="Inference steps for --render. Default 30.")
+
+    p = sub.add_parser("inspect", help="norms, nearest tokens, angle to the initializer", description=(
+        "Show what an embedding holds: each vector's norm and the file's metadata; with --model also the vocabulary's "
+        "norm statistics, the norm relative to their mean, the k nearest vocabulary tokens and the angle to the initializer."))
+    p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
+    p.add_argument("--model", default=None, help="Base model (diffusers folder or Hub id) for vocabulary comparisons.")
+    p.add_argument("--k", type=int, default=5, help="Nearest tokens per vector. Default 5.")
+    p.add_argument("--json", action="store_true", help="Print machine-readable JSON only.")
+
+    p = sub.add_parser("convert", help="convert between diffusers, AUTOMATIC1111 and ComfyUI forms", description=(
+        "Convert an embedding (form detected automatically) to: diffusers ({token: tensor} file for SD, or a folder with "
+        "learned_embeds[_2].safetensors), a1111 / comfyui (SD: emb_params .safetensors, or string_to_param .pt; "
+        "SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder. Tensors are copied bit for bit."))
+    p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
+    p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
+    p.add_argument("--output", required=True, help="Output file (.safetensors, .pt; .bin for diffusers) or folder.")
+    return parser
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    """`python dti_concepts.py slerp|inspect|convert ...`: 0 on success; a DTIError prints `error: ...` and gives 2."""
+    args = build_concept_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DTIWarning)
+        warnings.showwarning = _print_warning
+        try:
+            if args.command == "slerp":
+                result = slerp_embeddings(args.a, args.b, args.alpha, args.output, token=args.token, render=args.render,
+                                          prompt=args.prompt, seed=args.seed, steps=args.steps)
+                for alpha, folder in zip(result["alphas"], result["folders"]):
+                    print(f"alpha {alpha:g}: {folder}")
+                if result["strip"]:
+                    print(f"interpolation strip: {result['strip']}")
+            elif args.command == "inspect":
+                report = inspect_embedding(args.emb, model=args.model, k=args.k)
+                print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+            elif args.command == "convert":
+                for path in convert_embedding(args.emb, args.to, args.output):
+                    print(f"wrote {path}")
+        except DTIError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
