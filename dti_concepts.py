@@ -36,9 +36,20 @@ def _check_token(token, flag="--token"):
     return token
 
 
-def convert_embedding(path, to, output):
-    """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written."""
-    return write_concept(read_concept(path), output, to)
+def convert_embedding(path, to, output, overwrite=False):
+    """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written.
+    OUTPUT is a file (.safetensors, .pt, .bin) or, without an extension, a folder; existing embedding files are
+    replaced only with overwrite."""
+    extension = os.path.splitext(output.rstrip("/"))[1]
+    if extension and extension.lower() not in EMBEDDING_EXTENSIONS and not os.path.isdir(output):
+        raise DTIError(f"--output {output}: {extension} is no embedding file type; use .safetensors or .pt (or a folder name without an extension).")
+    concept = read_concept(path)
+    existing = [output] if os.path.isfile(output) else [os.path.join(output, n) for n in sorted(os.listdir(output))
+                                                         if n.lower().endswith(EMBEDDING_EXTENSIONS)] if os.path.isdir(output) else []
+    if existing and not overwrite:
+        raise DTIError(f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass --overwrite to replace it, "
+                       f"or choose another --output.")
+    return write_concept(concept, output, to)
 
 
 # -- slerp --------------------------------------------------------------------------------------------
@@ -298,7 +309,8 @@ def inspect_embedding(path, model=None, k=5):
         meta = concept.metadata.get(name, {})
         norms = vecs.norm(dim=-1)
         entry = {"dim": vecs.shape[1], "file_key": SINGLE_FILE_KEYS[name] if concept.form == "sdxl-single-file" else None,
-                 "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i])} for i in range(len(vecs))]}
+                 "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i]), "finite": bool(torch.isfinite(vecs[i]).all())}
+                             for i in range(len(vecs))]}
         if model is not None:
             # A learned_embeds_2 file passed alone is read as one encoder; its metadata says which one it is.
             model_encoder = meta.get("text_encoder") if not concept.sdxl and meta.get("text_encoder") in ENCODERS else name
@@ -347,6 +359,8 @@ def format_inspection(report):
             lines.append(f"  no angle to the initializer: {entry['initializer_note']}")
         for item in entry["vectors"]:
             text = f"  [{item['index']}] {item['token']}: norm {item['norm']:.4f}"
+            if not item["finite"]:
+                text += "  ** NOT FINITE: this vector is NaN or infinite; the embedding is broken and will not work **"
             if "norm_to_vocab_mean" in item:
                 text += f" ({item['norm_to_vocab_mean']:.2f}x vocabulary mean)"
             if item.get("angle_to_initializer_deg") is not None:
@@ -439,6 +453,7 @@ def build_concept_parser():
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
     p.add_argument("--output", required=True, help="Output file (.safetensors, .pt; .bin for diffusers) or folder.")
+    p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
     return parser
 
 
@@ -464,7 +479,7 @@ def main(argv=None):
                 report = inspect_embedding(args.emb, model=args.model, k=args.k)
                 print(json.dumps(report, indent=2) if args.json else format_inspection(report))
             elif args.command == "convert":
-                for path in convert_embedding(args.emb, args.to, args.output):
+                for path in convert_embedding(args.emb, args.to, args.output, overwrite=args.overwrite):
                     print(f"wrote {path}")
         except DTIError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -1045,17 +1045,23 @@ def save_checkpoint(output_dir, step, state, total_limit=None):
     """Write checkpoint-N (a temporary folder renamed when complete), then prune the oldest beyond total_limit:
     a crash at any point leaves the previous checkpoints intact."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-checkpoint-")
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-checkpoint-")
         torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-        if os.path.exists(final):
+        if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        raise DTIError(f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}); "
+                       f"{'the previous checkpoints are intact (' + os.path.basename(kept[-1]) + ' is the newest)' if kept else 'no checkpoint was written'}. "
+                       f"Free some space or fix the folder, then resume with --resume_from_checkpoint latest.") from None
     if total_limit is not None:
-        for old in [p for p in list_checkpoints(output_dir) if p != final][: max(len(list_checkpoints(output_dir)) - total_limit, 0)]:
+        older = [p for p in list_checkpoints(output_dir) if p != final]
+        for old in older[: max(len(older) + 1 - total_limit, 0)]:
             logger.info(f"Removing old checkpoint {old} (--checkpoints_total_limit {total_limit})")
             shutil.rmtree(old)
     return final
@@ -1165,6 +1171,9 @@ def start_run(accelerator, args, project_name):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.validation_prompt and args.placeholder_token not in args.validation_prompt:
+        logger.warning(f"--validation_prompt {args.validation_prompt!r} does not contain {args.placeholder_token}: the validation images "
+                       f"will not show the learned concept.")
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
         accelerator.init_trackers(project_name, config=config)
@@ -1423,6 +1432,7 @@ def log_validation(pipeline, args, accelerator, step, weight_dtype, stop=None):
     pipeline.set_progress_bar_config(disable=True)
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    logger.info(f"Validation at step {step}: {args.num_validation_images} image(s) of {args.validation_prompt!r}")
 
     def interrupt(pipe, i, t, callback_kwargs):
         if stop is not None and stop.requested:
