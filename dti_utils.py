@@ -1332,7 +1332,9 @@ class HostSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
             self.syncs.append(name)
         elif name.startswith("index") and any(t.dtype == torch.bool for t in tensors[1:]):
             self.syncs.append(f"{name} with a boolean mask")  # the result's size depends on the mask's values
-        devices = {t.device.type for t in tensors} | ({torch.device(kwargs["device"]).type} if kwargs.get("device") is not None else set())
+        # A 0-dim CPU tensor in a device op is a wrapped scalar (baked into a graph); a copy of one is a real transfer.
+        moved = [t for t in tensors if t.dim() > 0 or t.device.type != "cpu" or name in ("_to_copy", "copy_")]
+        devices = {t.device.type for t in moved} | ({torch.device(kwargs["device"]).type} if kwargs.get("device") is not None else set())
         if len(devices) > 1:
             self.cross_device.append(name)
         return func(*args, **kwargs)
@@ -1371,20 +1373,27 @@ class GraphedUNet:
 
     def _capture(self, forward, tensors):
         cuda = tensors[0].is_cuda
-        if cuda and torch.cuda.graph.default_capture_stream is None:
-            torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
-        stream = torch.cuda.stream(torch.cuda.graph.default_capture_stream) if cuda else contextlib.nullcontext()
-        leaves = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
-        with stream, HostSyncRecorder() as recorder:
-            out = forward(*leaves)
-            torch.autograd.grad(out.float().sum(), [t for t in leaves if t.requires_grad])
         if cuda:
-            torch.cuda.synchronize()
-        if recorder.syncs or recorder.cross_device:
-            logger.warning(f"The UNet's training pass reads from or copies to the host ({(recorder.syncs + recorder.cross_device)[:3]}), "
-                           f"which a CUDA graph cannot hold; training eagerly.")
+            if torch.cuda.graph.default_capture_stream is None:
+                torch.cuda.graph.default_capture_stream = torch.cuda.Stream()
+            torch.cuda.graph.default_capture_stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on this one
+        # Everything the capture touches is made on the capture stream, so autograd nodes never point at another stream.
+        try:
+            with torch.cuda.stream(torch.cuda.graph.default_capture_stream) if cuda else contextlib.nullcontext():
+                leaves = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+                with HostSyncRecorder() as recorder:
+                    out = forward(*leaves)
+                    torch.autograd.grad(out.float().sum(), [t for t in leaves if t.requires_grad])
+                sample_args = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+            if cuda:
+                torch.cuda.synchronize()
+            problem = (recorder.syncs + recorder.cross_device)[:3]
+        except RuntimeError as e:  # nothing was captured yet: the process is sound and can train eagerly
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem:
+            logger.warning(f"The UNet's training pass cannot be held in a CUDA graph ({problem}: it reads from or copies to the host, "
+                           f"or fails); training eagerly.")
             return forward
-        sample_args = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         start = time.perf_counter()
         try:
             graphed = torch.cuda.make_graphed_callables(forward, sample_args, num_warmup_iters=0)
