@@ -23,7 +23,7 @@ from PIL import Image
 from dti_utils import (
     CONVERT_TARGETS, ENCODERS, EMBEDDING_EXTENSIONS, SINGLE_FILE_KEYS, ConceptEmbedding, DTIError, DTIWarning, __version__, _atomic_write, _norm_or_none,
     dist, embedding_slug, initializer_ids, nearest_vocabulary_tokens, placeholder_token_list, read_concept, slerp, vocabulary_norm_stats,
-    write_concept, write_diffusers,
+    write_concept, write_diffusers, write_single_file,
 )
 
 __all__ = ["check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip", "render_interpolation", "inspect_embedding",
@@ -34,6 +34,15 @@ def _check_token(token, flag="--token"):
     if not token or not token.strip() or any(c.isspace() for c in token):
         raise DTIError(f"{flag} {token!r} must be a single word without white space, such as '<mix>'.")
     return token
+
+
+def _check_file_name(output):
+    """Warn when OUTPUT is a file whose stem, the prompt word in AUTOMATIC1111 and kohya, has no '-', '_' or '.': it may
+    be an ordinary word, which those tools would then replace by the embedding in every prompt (the embedding_slug rule)."""
+    stem, ext = os.path.splitext(os.path.basename(output))
+    if ext.lower() in EMBEDDING_EXTENSIONS and embedding_slug(stem, file_stem=True) != stem:
+        warnings.warn(f"--output {output}: AUTOMATIC1111 and kohya make the file name {stem!r} the prompt word, and a name without '-', '_' or '.' "
+                      f"may be an ordinary word they would replace in every prompt; {embedding_slug(stem, file_stem=True)}{ext} avoids that.", DTIWarning)
 
 
 def convert_embedding(path, to, output, overwrite=False):
@@ -49,6 +58,8 @@ def convert_embedding(path, to, output, overwrite=False):
     if existing and not overwrite:
         raise DTIError(f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass --overwrite to replace it, "
                        f"or choose another --output.")
+    if to != "diffusers":
+        _check_file_name(output)
     return write_concept(concept, output, to)
 
 
@@ -134,13 +145,15 @@ def _alpha_folder(output, alpha):
 
 def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30):
     """Blend two embeddings (files or training folders, SD or SDXL) at each alpha and write training-style folders:
-    OUTPUT itself for one alpha, OUTPUT/alpha-A for several. With render=MODEL, also OUTPUT/interpolation.png.
-    Returns {"folders": [...], "alphas": [...], "strip": path or None}."""
-    if output.lower().endswith(EMBEDDING_EXTENSIONS):
-        raise DTIError(f"--output {output} looks like a file; slerp writes a folder (like a training output), pass a folder name.")
+    OUTPUT itself for one alpha, OUTPUT/alpha-A for several; with render=MODEL, also OUTPUT/interpolation.png. An OUTPUT
+    ending in .safetensors/.pt/.bin is one file instead (one alpha), the form every UI reads (write_single_file); its
+    strip is OUTPUT-interpolation.png. Returns {"outputs": [folder or file per alpha], "alphas": [...], "strip": path or None}."""
+    to_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
     alphas = list(dict.fromkeys(float(x) for x in alphas))
     if not alphas:
         raise DTIError("--alpha needs at least one value in [0, 1].")
+    if to_file and len(alphas) > 1:
+        raise DTIError(f"--output {output} is one file but --alpha gives {len(alphas)} blends; pass a folder (one alpha-A folder per blend).")
     for alpha in alphas:
         if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
             raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
@@ -151,16 +164,21 @@ def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, 
         token = f"<{embedding_slug(a.token)}-{embedding_slug(b.token)}>"
     _check_token(token)
     check_slerp_pair(a, b)
-    folders = []
+    if to_file:
+        _check_file_name(output)
+    outputs = []
     for alpha in alphas:
-        folder = output if len(alphas) == 1 else _alpha_folder(output, alpha)
-        write_diffusers(slerp_concepts(a, b, alpha, token), folder, single_file=True)
-        folders.append(folder)
+        blend, target = slerp_concepts(a, b, alpha, token), output if len(alphas) == 1 else _alpha_folder(output, alpha)
+        if to_file:
+            write_single_file(blend, target)
+        else:
+            write_diffusers(blend, target, single_file=True)
+        outputs.append(target)
     strip = None
     if render is not None:
-        strip = render_interpolation(render, folders, alphas, prompt, seed=seed, steps=steps,
-                                     output_path=os.path.join(output, "interpolation.png"), token=token)
-    return {"folders": folders, "alphas": alphas, "strip": strip}
+        strip_path = os.path.splitext(output)[0] + "-interpolation.png" if to_file else os.path.join(output, "interpolation.png")
+        strip = render_interpolation(render, outputs, alphas, prompt, seed=seed, steps=steps, output_path=strip_path, token=token)
+    return {"outputs": outputs, "alphas": alphas, "strip": strip}
 
 
 def strip_label_height(image_height):
@@ -219,27 +237,23 @@ def _load_render_pipeline(model):
     return pipe.to(device)
 
 
-def _load_into_pipeline(pipe, folder, token, model):
+def _load_into_pipeline(pipe, path, token, model):
+    """Load the embedding at path (folder or file, any form) under `token`, each encoder's vectors into its own encoder."""
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    concept = read_concept(folder)
+    concept = read_concept(path)
     if concept.sdxl != sdxl:
         raise DTIError(f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for {'SDXL' if concept.sdxl else 'SD'}; "
                        f"pass the base model they were trained on.")
     try:
-        if sdxl:
-            pipe.load_textual_inversion(folder, weight_name="learned_embeds.safetensors", token=token,
-                                        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-            pipe.load_textual_inversion(folder, weight_name="learned_embeds_2.safetensors", token=token,
-                                        text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-        else:
-            pipe.load_textual_inversion(folder, token=token)
+        for name, vectors in concept.vectors.items():
+            pipe.load_textual_inversion(vectors, token=token, text_encoder=getattr(pipe, name), tokenizer=getattr(pipe, name.replace("text_encoder", "tokenizer")))
     except ValueError as e:
-        raise DTIError(f"The embedding in {folder} does not fit --render {model} ({e}); pass the base model it was trained on.")
+        raise DTIError(f"The embedding in {path} does not fit --render {model} ({e}); pass the base model it was trained on.")
 
 
-def render_interpolation(model, folders, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"):
-    """Load the pipeline once, load each blended embedding under its own token, render the prompt with the
-    same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
+def render_interpolation(model, paths, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"):
+    """Load the pipeline once, load each blended embedding (folder or file) under its own token, render the prompt with
+    the same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
     if "{}" not in prompt:
         raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
     if steps < 1:
@@ -247,9 +261,9 @@ def render_interpolation(model, folders, alphas, prompt="a photo of {}", seed=0,
     pipe = _load_render_pipeline(model)
     base = embedding_slug(token)
     images = []
-    for i, folder in enumerate(folders):
+    for i, path in enumerate(paths):
         distinct = f"<{base}-alpha{i}>"
-        _load_into_pipeline(pipe, folder, distinct, model)
+        _load_into_pipeline(pipe, path, distinct, model)
         generator = torch.Generator("cpu").manual_seed(seed)
         images.append(pipe(prompt.replace("{}", distinct), num_inference_steps=steps, generator=generator).images[0])
     strip = interpolation_strip(images, [f"alpha {alpha:g}" for alpha in alphas])
@@ -427,13 +441,15 @@ def build_concept_parser():
     p = sub.add_parser("slerp", help="blend two embeddings on the sphere", description=(
         "Blend two embeddings (files or training output folders, SD or SDXL): the direction by spherical interpolation, "
         "the norm linearly (DTI embeddings share the norm m, so blends keep it exactly). Writes training-style folders "
-        "that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, OUTPUT/alpha-A for several."))
+        "that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, OUTPUT/alpha-A for several; or, for one "
+        "alpha, the single file OUTPUT.safetensors (or .pt/.bin) that AUTOMATIC1111, ComfyUI and kohya read."))
     p.add_argument("a", metavar="A", help="First embedding (alpha 0): file or training output folder.")
     p.add_argument("b", metavar="B", help="Second embedding (alpha 1).")
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="Fractions in [0, 1] (several give one folder each). Default 0.5.")
     p.add_argument("--token", default=None, help="Token of the blend, e.g. '<mix>'. Default: '<A-B>' from the inputs' tokens.")
-    p.add_argument("--output", required=True, help="Output folder.")
-    p.add_argument("--render", metavar="MODEL", default=None, help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png.")
+    p.add_argument("--output", required=True, help="Output folder, or one .safetensors/.pt/.bin file (one alpha).")
+    p.add_argument("--render", metavar="MODEL", default=None, help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png "
+                   "(for a file OUTPUT: OUTPUT-interpolation.png beside it).")
     p.add_argument("--prompt", default="a photo of {}", help="Prompt for --render; {} is replaced by the token. Default 'a photo of {}'.")
     p.add_argument("--seed", type=int, default=0, help="Seed for --render, the same for every alpha. Default 0.")
     p.add_argument("--steps", type=int, default=30, help="Inference steps for --render. Default 30.")
@@ -448,11 +464,13 @@ def build_concept_parser():
 
     p = sub.add_parser("convert", help="convert between diffusers, AUTOMATIC1111 and ComfyUI forms", description=(
         "Convert an embedding (form detected automatically) to: diffusers ({token: tensor} file for SD, or a folder with "
-        "learned_embeds[_2].safetensors), a1111 / comfyui (SD: emb_params .safetensors, or string_to_param .pt; "
-        "SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder. Tensors are copied bit for bit."))
+        "learned_embeds[_2].safetensors), a1111 / comfyui (SD: {token: tensor} .safetensors, or string_to_param .pt; "
+        "SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder, where a1111 / comfyui write "
+        "NAME.safetensors: the prompt word in AUTOMATIC1111 (ComfyUI: embedding:NAME), kept distinct from ordinary "
+        "words ('<toy>' gives toy-ti). Tensors are copied bit for bit."))
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
-    p.add_argument("--output", required=True, help="Output file (.safetensors, .pt; .bin for diffusers) or folder.")
+    p.add_argument("--output", required=True, help="Output file (.safetensors, .pt or .bin) or folder.")
     p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
     return parser
 
@@ -471,8 +489,8 @@ def main(argv=None):
             if args.command == "slerp":
                 result = slerp_embeddings(args.a, args.b, args.alpha, args.output, token=args.token, render=args.render,
                                           prompt=args.prompt, seed=args.seed, steps=args.steps)
-                for alpha, folder in zip(result["alphas"], result["folders"]):
-                    print(f"alpha {alpha:g}: {folder}")
+                for alpha, path in zip(result["alphas"], result["outputs"]):
+                    print(f"alpha {alpha:g}: {path}")
                 if result["strip"]:
                     print(f"interpolation strip: {result['strip']}")
             elif args.command == "inspect":

@@ -688,16 +688,22 @@ def _atomic_write(path, write):
         raise
 
 
+def _save_pickle(path, obj):
+    # torch.save's legacy (non-zip) format: AUTOMATIC1111's safe unpickler refuses the zip entries torch.save writes now
+    # (.format_version, .storage_alignment); torch.load(weights_only=True), diffusers, ComfyUI and kohya read both.
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=False))
+    return path
+
+
 def save_embedding_file(path, tensors, metadata=None):
     """Save {key: float32 tensor} atomically: safetensors (with string metadata) or, for .bin/.pt, torch.save."""
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import save_file
+    tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
+    if not path.lower().endswith(".safetensors"):
+        return _save_pickle(path, tensors)
+    from safetensors.torch import save_file
 
-        meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    else:
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -754,9 +760,12 @@ class ConceptEmbedding:
         return f"ConceptEmbedding(token={self.token!r}, {dims}, form={self.form!r})"
 
 
-def embedding_slug(token):
-    """The file stem AUTOMATIC1111 and ComfyUI use as the prompt word: '<cat-toy>' -> 'cat-toy'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "", token or "").strip("._-") or "embedding"
+def embedding_slug(token, file_stem=False):
+    """'<cat-toy>' -> 'cat-toy'. file_stem=True: the single file's stem, which AUTOMATIC1111 and kohya make the prompt word
+    (ComfyUI: `embedding:STEM`). A1111 swaps the embedding in wherever the stem's tokens occur, so the stem keeps a '-',
+    '_' or '.' inside, which CLIP's tokenizer splits off: it is never one vocabulary word ('<toy>' -> 'toy-ti', not 'toy')."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "", token or "").strip("._-") or "embedding"
+    return slug if not file_stem or re.search(r"[._-]", slug) else f"{slug}-ti"
 
 
 def _as_matrix(value, path, key):
@@ -863,21 +872,19 @@ def _norm_or_none(text):
 
 
 def write_single_file(concept, path):
-    """The AUTOMATIC1111/ComfyUI/kohya single file: SDXL {"clip_l", "clip_g"}; SD {"emb_params"} (.safetensors) or
-    {"string_to_param": {"*": ...}, "name", "step"} (.pt)."""
+    """The AUTOMATIC1111/ComfyUI/kohya single file: SDXL {"clip_l", "clip_g"}; SD {token: tensor} (.safetensors, the key
+    diffusers takes as the token; the others take any single key) or {"string_to_param": {"*": ...}, "name", "step"} (.pt)."""
     meta = _encoder_metadata(concept, "text_encoder")
     if concept.sdxl:
         meta["text_encoder"] = "both"
         meta["norm"] = json.dumps({SINGLE_FILE_KEYS[n]: _norm_or_none(concept.metadata.get(n, {}).get("norm")) for n in concept.vectors})
         return save_embedding_file(path, {SINGLE_FILE_KEYS[n]: v for n, v in concept.vectors.items()}, meta)
     if path.lower().endswith(".safetensors"):
-        return save_embedding_file(path, {"emb_params": concept.vectors["text_encoder"]}, {**meta, "name": concept.token})
+        return save_embedding_file(path, {concept.token: concept.vectors["text_encoder"]}, meta)
     step = meta.get("steps", "")
-    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": concept.vectors["text_encoder"].detach().float().cpu().contiguous().clone()},
-            "name": concept.token, "step": int(step) if step.isdigit() else 0, "sd_checkpoint": None,
-            "sd_checkpoint_name": meta.get("base_model"), "metadata": meta}
-    _atomic_write(path, lambda tmp: torch.save(data, tmp))
-    return path
+    return _save_pickle(path, {"string_to_token": {"*": 265}, "string_to_param": {"*": concept.vectors["text_encoder"].detach().float().cpu().contiguous().clone()},
+                               "name": concept.token, "step": int(step) if step.isdigit() else 0, "sd_checkpoint": None,
+                               "sd_checkpoint_name": meta.get("base_model"), "metadata": meta})
 
 
 def write_diffusers(concept, output, single_file=False, suffix="", ext=".safetensors"):
@@ -890,7 +897,7 @@ def write_diffusers(concept, output, single_file=False, suffix="", ext=".safeten
     written = [save_embedding_file(os.path.join(output, FILE_STEMS[name] + suffix + ext), {concept.token: vecs}, _encoder_metadata(concept, name))
                for name, vecs in concept.vectors.items()]
     if single_file and concept.sdxl:
-        written.append(write_single_file(concept, os.path.join(output, embedding_slug(concept.token) + suffix + ext)))
+        written.append(write_single_file(concept, os.path.join(output, embedding_slug(concept.token, file_stem=True) + suffix + ext)))
     return written
 
 
@@ -904,9 +911,7 @@ def write_concept(concept, output, to="diffusers", single_file=False):
     if to == "diffusers":
         return write_diffusers(concept, output, single_file=single_file)
     if not output.lower().endswith(EMBEDDING_EXTENSIONS):
-        output = os.path.join(output, embedding_slug(concept.token) + ".safetensors")
-    elif output.lower().endswith(".bin"):
-        raise DTIError(f"--output {output}: AUTOMATIC1111 and ComfyUI read .safetensors or .pt; use one of those.")
+        output = os.path.join(output, embedding_slug(concept.token, file_stem=True) + ".safetensors")
     return [write_single_file(concept, output)]
 
 
@@ -1504,53 +1509,89 @@ def create_hub_repo(args):
                        f"--hub_token, or drop --push_to_hub.")
 
 
+# The licenses of the standard bases, for when their card cannot be read (offline, gated).
+KNOWN_LICENSES = {**dict.fromkeys(("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4"),
+                                  "creativeml-openrail-m"),
+                  **dict.fromkeys(("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-base", "stabilityai/stable-diffusion-2-1",
+                                   "stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-xl-base-1.0"), "openrail++")}
+
+
 def base_model_license(base_model, token=None):
-    """The license in the base model's card (local folder or Hub), or None when it cannot be read."""
+    """{license[, license_name, license_link]} from the base model's card (local folder or Hub), else from KNOWN_LICENSES;
+    {} when unknown."""
     from huggingface_hub import ModelCard
 
     try:
         local = os.path.join(base_model, "README.md")
-        return ModelCard.load(local if os.path.isfile(local) else base_model, token=token).data.license
+        data = ModelCard.load(local if os.path.isfile(local) else base_model, token=token).data
+        if data.license:
+            return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
     except Exception:
-        return None
+        pass
+    return {"license": KNOWN_LICENSES[base_model]} if base_model in KNOWN_LICENSES else {}
 
 
-def loading_snippet(repo_id, base_model, placeholder_token, sdxl=False, prompt=None):
-    prompt = prompt or f"a photo of {placeholder_token}"
-    load = (f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds.safetensors", token="{placeholder_token}",\n'
-            f'                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n'
-            f'pipe.load_textual_inversion("{repo_id}", weight_name="learned_embeds_2.safetensors", token="{placeholder_token}",\n'
-            f'                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)') if sdxl else f'pipe.load_textual_inversion("{repo_id}")'
-    cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    return (f'```python\nimport torch\nfrom diffusers import {cls}\n\npipe = {cls}.from_pretrained("{base_model}", dtype=torch.float16).to("cuda")\n'
-            f'{load}\nimage = pipe("{prompt}").images[0]\n```')
+def loading_snippet(repo_id, base_model, placeholder_token, sdxl=False, prompt=None, ext=".safetensors", single_file=None):
+    """A complete Python block: load the base pipeline, then the embedding from repo_id (SDXL: one call per encoder, or
+    with single_file=NAME from the {"clip_l", "clip_g"} file), then render the prompt. Literals go through json.dumps,
+    which writes valid Python strings whatever the prompt holds."""
+    q, cls = json.dumps, "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    imports = ["import torch", f"from diffusers import {cls}"]
+    pairs = (("learned_embeds", "clip_l", "text_encoder", "tokenizer"), ("learned_embeds_2", "clip_g", "text_encoder_2", "tokenizer_2"))
+    if single_file:
+        imports += ["from huggingface_hub import hf_hub_download"] + ([] if ext == ".bin" else ["from safetensors.torch import load_file"])
+        path = f"hf_hub_download({q(repo_id)}, {q(single_file)})"
+        load = [f"state = torch.load({path}, weights_only=True)" if ext == ".bin" else f"state = load_file({path})"] + [
+            f'pipe.load_textual_inversion(state["{key}"], token={q(placeholder_token)}, text_encoder=pipe.{enc}, tokenizer=pipe.{tok})'
+            for _, key, enc, tok in pairs]
+    elif sdxl:
+        load = [f'pipe.load_textual_inversion({q(repo_id)}, weight_name="{stem}{ext}", token={q(placeholder_token)}, text_encoder=pipe.{enc}, '
+                f'tokenizer=pipe.{tok})' for stem, _, enc, tok in pairs]
+    else:
+        load = [f"pipe.load_textual_inversion({q(repo_id)})"]
+    code = [*imports, "", f'pipe = {cls}.from_pretrained({q(base_model)}, dtype=torch.float16).to("cuda")', *load,
+            f"image = pipe({q(prompt or f'a photo of {placeholder_token}')}).images[0]"]
+    return "```python\n" + "\n".join(code) + "\n```"
 
 
 def write_model_card(output_dir, repo_id, args, embeddings, image_paths, sdxl=False, license=None):
-    """README.md with YAML (base_model, license, tags), the validation images and a loading snippet."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """README.md in diffusers' conventions (load_or_create_model_card + populate_model_card): an existing card of repo_id
+    is kept, with the tags added; a new one gets the base model's license, base_model (a Hub id only), the validation
+    images and snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
-    method = "Directional Textual Inversion (DTI)" if args.optimizer == "rsgd" else "textual inversion (AdamW)"
-    card_data = ModelCardData(license=license or "other", base_model=args.pretrained_model_name_or_path, library_name="diffusers", inference=True,
-                              tags=["stable-diffusion-xl" if sdxl else "stable-diffusion", "text-to-image", "diffusers", "textual_inversion",
-                                    "directional-textual-inversion"])
-    norms = ", ".join(f"{e.name}: {e.norm:.4f}" if e.norm is not None else f"{e.name}: free" for e in embeddings)
-    images = "\n".join(f"![validation image {i}]({os.path.relpath(p, output_dir)})" for i, p in enumerate(image_paths))
-    body = f"""
-# {args.placeholder_token}: {method} on {args.pretrained_model_name_or_path}
-
-The token `{args.placeholder_token}` ({len(embeddings[0].tokens)} vector(s), initialized from `{args.initializer_token}`) was learned with {method}
-for {args.max_train_steps} steps. DTI keeps each vector at a fixed in-distribution norm ({norms}) and learns its direction on the sphere
-(kappa {args.kappa}), so the token keeps following the rest of the prompt. See [Directional Textual Inversion](https://arxiv.org/abs/2512.13672).
-
-{images or "No validation images were made (pass --validation_prompt)."}
-
-## Use it
-
-{loading_snippet(repo_id, args.pretrained_model_name_or_path, args.placeholder_token, sdxl, args.validation_prompt)}
-"""
+    dti, license = args.optimizer == "rsgd", license or {}
+    base, token, ext = args.pretrained_model_name_or_path, args.placeholder_token, ".bin" if args.no_safe_serialization else ".safetensors"
+    stem, hub_base = embedding_slug(token, file_stem=True), None if os.path.exists(base) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base) else base
+    method = "Directional Textual Inversion (DTI)" if dti else "classic textual inversion (AdamW, free norm)"
+    about = (f" DTI keeps each vector at a fixed in-distribution norm ({', '.join(f'{e.name}: {e.norm:.4f}' for e in embeddings)}) and learns its "
+             f"direction on the sphere (kappa {args.kappa}), so the token keeps following the rest of the prompt. See "
+             f"[Directional Textual Inversion](https://arxiv.org/abs/2512.13672).") if dti else ""
+    sections = [f"# `{token}`: {method} on {base}",
+                f"The token `{token}` ({len(embeddings[0].tokens)} vector(s), initialized from `{args.initializer_token}`) was learned with {method} "
+                f"for {args.max_train_steps} steps.{about}",
+                "\n".join(f"![validation image {i}]({os.path.relpath(p, output_dir)})" for i, p in enumerate(image_paths))
+                or "No validation images were made (pass --validation_prompt).",
+                "## Use it with diffusers", loading_snippet(repo_id, base, token, sdxl, args.validation_prompt, ext)]
+    if sdxl:
+        sections += [f"Or from the single file `{stem}{ext}`, which holds both encoders' vectors:",
+                     loading_snippet(repo_id, base, token, sdxl, args.validation_prompt, ext, single_file=stem + ext)]
+    sections += ["## AUTOMATIC1111, ComfyUI, kohya",
+                 f"{'Put' if sdxl else f'Save `learned_embeds{ext}` as'} `{stem}{ext}` in the embeddings folder and write `{stem}` in the prompt "
+                 f"(ComfyUI: `embedding:{stem}`; kohya: `--textual_inversion_embeddings {stem}{ext}`)."
+                 + (f" Not `learned_embeds{ext}` or `learned_embeds_2{ext}`: each holds one text encoder's vectors only." if sdxl else "")]
+    if not license:
+        sections.append(f"The license of the base model `{base}` could not be read, so this card says `other`: check it before use.")
+    card = load_or_create_model_card(repo_id, token=args.hub_token, from_training=True, model_description="\n\n".join(sections), base_model=hub_base,
+                                     license=license.get("license", "other"), inference=True)
+    for key in ("license_name", "license_link"):  # the base's own terms, for a card that says `other`
+        if card.data.license == "other" and key in license and getattr(card.data, key, None) is None:
+            setattr(card.data, key, license[key])
+    family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
+    tags = ["text-to-image", "diffusers", "diffusers-training", family, f"{family}-diffusers", "textual_inversion"] + ["directional-textual-inversion"] * dti
+    populate_model_card(card, tags=[t for t in tags if t not in (card.data.tags or [])])
     path = os.path.join(output_dir, "README.md")
-    _atomic_write(path, lambda tmp: ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(tmp))
+    _atomic_write(path, card.save)
     return path
 
 

@@ -148,10 +148,10 @@ def test_slerp_sdxl_pairs_per_encoder(tmp_path):
 
     out = tmp_path / "mix"
     assert main(["slerp", a, b_single, "--alpha", "0.5", "--token", "<mix>", "--output", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors", "mix.safetensors"]
+    assert sorted(os.listdir(out)) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors", "mix-ti.safetensors"]  # not "mix": a word
     l_t, l_meta = load(out / "learned_embeds.safetensors")
     g_t, g_meta = load(out / "learned_embeds_2.safetensors")
-    single, single_meta = load(out / "mix.safetensors")
+    single, single_meta = load(out / "mix-ti.safetensors")
     assert l_t["<mix>"].shape == (2, 32) and g_t["<mix>"].shape == (2, 64)
     assert torch.equal(single["clip_l"], l_t["<mix>"]) and torch.equal(single["clip_g"], g_t["<mix>"])
     assert (l_meta["text_encoder"], g_meta["text_encoder"], single_meta["text_encoder"]) == ("text_encoder", "text_encoder_2", "both")
@@ -187,7 +187,7 @@ def test_slerp_classic_ti_norms_warn_and_interpolate_linearly(tmp_path, capsys):
     torch.save({"<b>": classic.clone()}, b)
     with pytest.warns(DTIWarning, match="different norms"):
         result = slerp_embeddings(a, b, [0.25, 0.5], str(tmp_path / "out"), token="<mix>")
-    for alpha, folder in zip(result["alphas"], result["folders"]):
+    for alpha, folder in zip(result["alphas"], result["outputs"]):
         vecs = load(os.path.join(folder, "learned_embeds.safetensors"))[0]["<mix>"].double()
         assert vecs.norm().item() == pytest.approx((1 - alpha) * 0.4 + alpha * 3.0, rel=1e-6)
         torch.testing.assert_close(angle(vecs, dti), alpha * angle(dti, classic), rtol=0, atol=1e-5)
@@ -267,7 +267,7 @@ def test_convert_sd_round_trips_bit_exact(tmp_path):
     (st,) = convert_embedding(src, "comfyui", str(tmp_path / "folder"))
     assert os.path.basename(st) == "cat-toy.safetensors"
     emb, emb_meta = load(st)
-    assert list(emb) == ["emb_params"] and torch.equal(emb["emb_params"], vecs)
+    assert list(emb) == ["<cat-toy>"] and torch.equal(emb["<cat-toy>"], vecs)  # the token is the key, as diffusers reads it
     assert read_concept(st).token == "<cat-toy>"
     (back2,) = convert_embedding(st, "diffusers", str(tmp_path / "back2.safetensors"))
     assert torch.equal(load(back2)[0]["<cat-toy>"], vecs)

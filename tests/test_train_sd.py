@@ -592,6 +592,7 @@ def licensed_base(tiny_sd, tmp_path):
 @pytest.fixture
 def fake_hub(monkeypatch):
     import huggingface_hub
+    import huggingface_hub.repocard
     from huggingface_hub.utils import filter_repo_objects
 
     calls = SimpleNamespace(create=[], upload=[], uploaded=None, readme=None, fail=None)
@@ -613,6 +614,10 @@ def fake_hub(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the test tried to reach the Hub")
 
+    def no_card(repo_id, filename, **kwargs):  # ModelCard.load of a new repository (or a Hub base model): no README.md
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", no_card)
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
@@ -652,7 +657,7 @@ def test_push_to_hub_uploads_embeddings_images_and_card_only(sd_args, tmp_path, 
     readme = fake_hub.readme
     assert readme.startswith("---\n")
     front = yaml.safe_load(readme.split("---\n")[1])
-    assert front["base_model"] == str(licensed_base)
+    assert "base_model" not in front  # a local folder is no Hub id
     assert front["license"] == "mit"
     assert {"textual_inversion", "directional-textual-inversion", "diffusers"} <= set(front["tags"])
     assert "![validation image 0](validation/step-000004-0.png)" in readme

@@ -29,7 +29,7 @@ import train_directional_textual_inversion_sdxl as sdxl
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
 
 TOKEN = "<toy>"
-STEM = "toy"  # single-file name for "<toy>"
+STEM = "toy-ti"  # single-file name for "<toy>": not "toy", an ordinary word that AUTOMATIC1111 would replace in every prompt
 PROMPT = "a photo of a <toy> in a city street"
 RES = 32
 IMAGE_SIZES = [(64 + 8 * i, 64) for i in range(4)]  # (width, height) written by make_example_images(count=4, size=64)
@@ -622,7 +622,7 @@ def test_concept_tools_on_sdxl_training_output(e2e_run, trained, vocab_means, ti
 
     out, _ = e2e_run
     # slerp between the final single file and the step-2 snapshot: per-encoder norms stay at each encoder's m
-    assert dti_concepts.main(["slerp", str(out / "toy.safetensors"), str(out / "toy-steps-2.safetensors"),
+    assert dti_concepts.main(["slerp", str(out / f"{STEM}.safetensors"), str(out / f"{STEM}-steps-2.safetensors"),
                            "--alpha", "0.5", "--token", "<mix>", "--output", str(tmp_path / "mix")]) == 0
     blended = [read_embeds(tmp_path / "mix" / f"{stem}.safetensors")[0]["<mix>"] for stem in ("learned_embeds", "learned_embeds_2")]
     for vectors, expected in zip(blended, vocab_means):
@@ -641,7 +641,7 @@ def test_concept_tools_on_sdxl_training_output(e2e_run, trained, vocab_means, ti
         assert abs(report["encoders"][name]["vectors"][0]["norm_to_vocab_mean"] - 1.0) < 1e-5
 
     # convert: folder -> single clip_l/clip_g file -> folder is bit-exact
-    assert dti_concepts.main(["convert", str(out), "--to", "comfyui", "--output", str(tmp_path / "toy.safetensors")]) == 0
-    assert dti_concepts.main(["convert", str(tmp_path / "toy.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "back")]) == 0
+    assert dti_concepts.main(["convert", str(out), "--to", "comfyui", "--output", str(tmp_path / f"{STEM}.safetensors")]) == 0
+    assert dti_concepts.main(["convert", str(tmp_path / f"{STEM}.safetensors"), "--to", "diffusers", "--output", str(tmp_path / "back")]) == 0
     back = [read_embeds(tmp_path / "back" / f"{stem}.safetensors")[0][TOKEN] for stem in ("learned_embeds", "learned_embeds_2")]
     assert all(torch.equal(a, b) for a, b in zip(back, trained))
