@@ -449,10 +449,14 @@ def labelled_grid(rows, row_labels, column_labels, size):
     canvas = Image.new("RGB", (margin + grid.width, band + grid.height), "white")
     canvas.paste(grid, (margin, band))
     draw = ImageDraw.Draw(canvas)
+    def put(text, x, y, centre):  # x: the centre or the left edge; y: the middle (no anchors: bitmap fonts have none)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        draw.text((x - (right - left) / 2 - left if centre else x - left, y - (bottom - top) / 2 - top), text, fill="black", font=font)
+
     for j, label in enumerate(column_labels):
-        draw.text((margin + j * size + size / 2, band / 2), label, fill="black", font=font, anchor="mm")
+        put(label, margin + j * size + size / 2, band / 2, centre=True)
     for i, label in enumerate(row_labels):
-        draw.text((4, band + i * size + size / 2), label, fill="black", font=font, anchor="lm")
+        put(label, 4, band + i * size + size / 2, centre=False)
     return canvas
 
 

@@ -142,14 +142,14 @@ def vocab_mean(model, encoder="text_encoder"):
 
 @pytest.fixture
 def eval_inputs(tiny_sd, encoders, tmp_path):
-    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of norm 3), two
+    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of two vectors of norm 3), two
     32 x 32 reference images, a prompt file of two prompts, and argv for two seeds."""
     os.makedirs(tmp_path / "refs")
     for i in range(2):
         noise_image(20 + i).save(tmp_path / "refs" / f"{i}.png")
     direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
     save_file({"<a>": direction * vocab_mean(tiny_sd)}, str(tmp_path / "dti.safetensors"), metadata={"method": "directional_textual_inversion"})
-    torch.save({"string_to_param": {"*": 3.0 * direction.flip(-1)}, "name": "<b>"}, tmp_path / "ti.pt")
+    torch.save({"string_to_param": {"*": 3.0 * torch.cat([direction.flip(-1), direction.roll(1, -1)])}, "name": "<b>"}, tmp_path / "ti.pt")  # 2 vectors
     (tmp_path / "mine.txt").write_text("a photo of a {}\n\n# a comment\na {} in a Japanese modern city street\n")
     argv = ["--model", tiny_sd, "--embeddings", tmp_path / "dti.safetensors", tmp_path / "ti.pt", "--reference_images", tmp_path / "refs",
             "--class_word", "toy", "--prompts", tmp_path / "mine.txt", "--seeds", "2", "--num_inference_steps", "2", "--batch_size", "4",
