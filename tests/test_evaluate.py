@@ -363,6 +363,17 @@ def test_rescale_sdxl_single_file_sets_each_encoders_own_norm(tiny_sdxl, tmp_pat
     assert original["text_encoder_2"] == pytest.approx(old["clip_g"].double().norm(dim=-1).tolist(), rel=1e-6)
 
 
+def test_rescale_keeps_existing_files_unless_overwrite(tiny_sd, tmp_path, capsys):
+    save_file({"<ti>": torch.randn(1, 32) * 4}, str(tmp_path / "ti.safetensors"))
+    argv = [tmp_path / "ti.safetensors", "--model", tiny_sd, "--output", tmp_path / "out"]
+    assert rescale_cli(*argv) == 0
+    before = (tmp_path / "out" / "learned_embeds.safetensors").read_bytes()
+    assert rescale_cli(*argv, "--to", "max") == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "learned_embeds.safetensors").read_bytes() == before
+    assert rescale_cli(*argv, "--to", "max", "--overwrite") == 0
+    assert_rescaled(load_file(tmp_path / "out" / "learned_embeds.safetensors")["<ti>"], load_file(tmp_path / "ti.safetensors")["<ti>"], vocab_norms(tiny_sd)["max"])
+
+
 @pytest.mark.parametrize("extra, expected", [(["--to", "huge"], "--to must be"), (["--output", "SAME"], "is the input")])
 def test_rescale_bad_flags(extra, expected, tiny_sd, tmp_path, capsys):
     save_file({"<ti>": torch.randn(1, 32)}, str(tmp_path / "ti.safetensors"))
