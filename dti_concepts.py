@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, picture.
+r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale, picture.
 
     python dti_concepts.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
     python dti_concepts.py inspect EMB [--model MODEL] [--k 5] [--json]
     python dti_concepts.py convert EMB --to diffusers|a1111|comfyui --output OUT
+    python dti_concepts.py rescale EMB --model MODEL --to mean|min|max|FLOAT --output OUT
 
 Inputs are training output folders, diffusers files, AUTOMATIC1111 .pt/.safetensors and the SDXL clip_l/clip_g
 single file, detected automatically (dti_utils reads and writes every form). The same functions are importable:
-slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, render_interpolation, plot_training_curves.
+slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, rescale_embedding, render_interpolation,
+plot_training_curves.
 """
 
 import argparse
@@ -27,7 +29,8 @@ from dti_utils import (
 )
 
 __all__ = ["check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip", "render_interpolation", "inspect_embedding",
-           "format_inspection", "convert_embedding", "plot_training_curves", "main"]
+           "format_inspection", "convert_embedding", "base_vocabulary", "rescale_target", "rescale_concept", "rescale_embedding",
+           "plot_training_curves", "main"]
 
 
 def _check_token(token, flag="--token"):
@@ -49,18 +52,22 @@ def convert_embedding(path, to, output, overwrite=False):
     """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written.
     OUTPUT is a file (.safetensors, .pt, .bin) or, without an extension, a folder; existing embedding files are
     replaced only with overwrite."""
+    _check_output(output, overwrite)
+    if to != "diffusers":
+        _check_file_name(output)
+    return write_concept(read_concept(path), output, to)
+
+
+def _check_output(output, overwrite):
+    """--output is a file of an embedding type or a folder, and holds no embedding files unless overwrite."""
     extension = os.path.splitext(output.rstrip("/"))[1]
     if extension and extension.lower() not in EMBEDDING_EXTENSIONS and not os.path.isdir(output):
         raise DTIError(f"--output {output}: {extension} is no embedding file type; use .safetensors or .pt (or a folder name without an extension).")
-    concept = read_concept(path)
     existing = [output] if os.path.isfile(output) else [os.path.join(output, n) for n in sorted(os.listdir(output))
                                                          if n.lower().endswith(EMBEDDING_EXTENSIONS)] if os.path.isdir(output) else []
     if existing and not overwrite:
         raise DTIError(f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass --overwrite to replace it, "
                        f"or choose another --output.")
-    if to != "diffusers":
-        _check_file_name(output)
-    return write_concept(concept, output, to)
 
 
 # -- slerp --------------------------------------------------------------------------------------------
@@ -308,6 +315,26 @@ def _load_tokenizer(model, name):
         raise DTIError(f"--model {model}: its {sub} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
 
 
+def base_vocabulary(model, name):
+    """(token embedding rows of the base vocabulary, float32 (V, dim); tokenizer) of one of the model's text encoders.
+    Rows past the tokenizer's own vocabulary (tokens a full-pipeline save folded in) are left out."""
+    weight, tokenizer = _input_embedding_weight(model, name), _load_tokenizer(model, name)
+    return weight[: min(weight.shape[0], tokenizer.vocab_size)], tokenizer
+
+
+def _model_encoder(concept, name):
+    """The model's encoder for the concept's vectors `name`: a learned_embeds_2 file passed alone is read as one
+    encoder; its metadata says which one it is."""
+    meta = concept.metadata.get(name, {})
+    return meta.get("text_encoder") if not concept.sdxl and meta.get("text_encoder") in ENCODERS else name
+
+
+def _check_width(path, vecs, model_encoder, model, weight, meta):
+    if weight.shape[1] != vecs.shape[1]:
+        raise DTIError(f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has {weight.shape[1]}-dim rows; "
+                       f"pass the base model it was trained on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}.")
+
+
 def inspect_embedding(path, model=None, k=5):
     """What an embedding holds, as a dict (the --json output). Per encoder and vector: the norm; with a model,
     the vocabulary's norm statistics, the norm relative to their mean, the k nearest vocabulary tokens by
@@ -326,14 +353,9 @@ def inspect_embedding(path, model=None, k=5):
                  "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i]), "finite": bool(torch.isfinite(vecs[i]).all())}
                              for i in range(len(vecs))]}
         if model is not None:
-            # A learned_embeds_2 file passed alone is read as one encoder; its metadata says which one it is.
-            model_encoder = meta.get("text_encoder") if not concept.sdxl and meta.get("text_encoder") in ENCODERS else name
-            weight = _input_embedding_weight(model, model_encoder)
-            tokenizer = _load_tokenizer(model, model_encoder)
-            if weight.shape[1] != vecs.shape[1]:
-                raise DTIError(f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has {weight.shape[1]}-dim rows; "
-                               f"pass the base model it was trained on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}.")
-            weight = weight[: min(weight.shape[0], tokenizer.vocab_size)]  # the base vocabulary, no added tokens
+            model_encoder = _model_encoder(concept, name)
+            weight, tokenizer = base_vocabulary(model, model_encoder)
+            _check_width(path, vecs, model_encoder, model, weight, meta)
             stats = vocabulary_norm_stats(weight)
             entry["vocabulary"] = {"size": weight.shape[0], **stats}
             near = nearest_vocabulary_tokens(vecs, weight, tokenizer, k)
@@ -392,6 +414,57 @@ def format_inspection(report):
     return "\n".join(lines)
 
 
+# -- rescale ------------------------------------------------------------------------------------------
+
+
+def rescale_target(to, stats):
+    """The norm --to names: mean, min or max of the vocabulary's norms, or a positive number."""
+    if to in ("mean", "min", "max"):
+        return stats[to]
+    try:
+        value = float(to)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise DTIError(f"--to must be mean, min, max or a positive number, not {to!r}.")
+    return value
+
+
+def rescale_concept(concept, model, to="mean"):
+    """The concept with every vector set to the norm `to` of the model's vocabulary (per text encoder), its direction
+    kept: the post-hoc "rescale" baseline of the DTI paper for a classic textual-inversion embedding. The metadata
+    keeps the original norms ("original_norms", JSON {encoder: [norm per vector]}) and the target ("rescaled_to")."""
+    original = {name: [float(n) for n in _row_norms(v)] for name, v in concept.vectors.items()}
+    vectors, metadata = {}, {}
+    for name, vecs in concept.vectors.items():
+        model_encoder = _model_encoder(concept, name)
+        weight, _ = base_vocabulary(model, model_encoder)
+        _check_width(concept.source, vecs, model_encoder, model, weight, concept.metadata.get(name, {}))
+        norms = _row_norms(vecs)
+        if not torch.isfinite(vecs).all() or (norms == 0).any():
+            raise DTIError(f"{concept.source} holds a zero or non-finite vector ({name}); it has no direction to keep.")
+        target = rescale_target(to, vocabulary_norm_stats(weight))
+        vectors[name] = (vecs.double() / norms.unsqueeze(-1) * target).float()
+        metadata[name] = {**concept.metadata.get(name, {}), "norm": repr(target), "rescaled_to": f"{to} ({model})" if to in ("mean", "min", "max") else str(to),
+                          "original_norms": json.dumps(original)}
+        metadata[name].setdefault("base_model", model)
+    return ConceptEmbedding(concept.token, vectors, metadata, source=concept.source, form=concept.form)
+
+
+def rescale_embedding(path, model, to, output, overwrite=False):
+    """Read EMB in any form, rescale it (rescale_concept) and write it in the same form: a folder or a file at OUTPUT
+    (existing embedding files there are replaced only with overwrite, never the input). Returns the paths written."""
+    if os.path.abspath(output) == os.path.abspath(path):
+        raise DTIError(f"--output {output} is the input; choose another name so that the original embedding is kept.")
+    _check_output(output, overwrite)
+    concept = rescale_concept(read_concept(path), model, to)
+    is_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
+    if concept.form in ("a1111", "sdxl-single-file") or (is_file and concept.sdxl):
+        ext = os.path.splitext(path)[1] if concept.form in ("a1111", "sdxl-single-file") else ".safetensors"
+        return [write_single_file(concept, output if is_file else os.path.join(output, embedding_slug(concept.token) + ext))]
+    return write_diffusers(concept, output, single_file=concept.form == "diffusers-folder")
+
+
 # -- training curves ----------------------------------------------------------------------------------
 
 
@@ -434,7 +507,7 @@ def plot_training_curves(history, path):
 def build_concept_parser():
     parser = argparse.ArgumentParser(
         prog="dti_concepts.py",
-        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert.",
+        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -472,6 +545,16 @@ def build_concept_parser():
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
     p.add_argument("--output", required=True, help="Output file (.safetensors, .pt or .bin) or folder.")
     p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
+
+    p = sub.add_parser("rescale", help="set every vector to the vocabulary's norm, keeping its direction", description=(
+        "Set the norm of every vector of an embedding (classic TI, AUTOMATIC1111 .pt, SDXL single file, ...) to the norm of the "
+        "model's vocabulary, per text encoder, keeping each direction: the DTI paper's 'rescale' baseline. Writes the input's "
+        "form; the metadata keeps the original norms."))
+    p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
+    p.add_argument("--model", required=True, help="The base model (diffusers folder or Hub id) whose vocabulary gives the norm.")
+    p.add_argument("--to", default="mean", help="mean (default), min or max of the vocabulary's norms, or a number.")
+    p.add_argument("--output", required=True, help="Output folder, or file (.safetensors, or .pt for an AUTOMATIC1111 .pt input).")
+    p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
     return parser
 
 
@@ -496,8 +579,12 @@ def main(argv=None):
             elif args.command == "inspect":
                 report = inspect_embedding(args.emb, model=args.model, k=args.k)
                 print(json.dumps(report, indent=2) if args.json else format_inspection(report))
-            elif args.command == "convert":
-                for path in convert_embedding(args.emb, args.to, args.output, overwrite=args.overwrite):
+            elif args.command in ("convert", "rescale"):
+                if args.command == "convert":
+                    written = convert_embedding(args.emb, args.to, args.output, overwrite=args.overwrite)
+                else:
+                    written = rescale_embedding(args.emb, args.model, args.to, args.output, overwrite=args.overwrite)
+                for path in written:
                     print(f"wrote {path}")
         except DTIError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -1616,10 +1616,10 @@ def push_output_to_hub(args, repo_id, embeddings, image_paths, sdxl=False):
 SCRIPTS = {"sd": "train_directional_textual_inversion.py", "sdxl": "train_directional_textual_inversion_sdxl.py"}
 
 
-def check_model(model, family, revision=None, cache_dir=None):
-    """The base pipeline exists and is of this script's family (SD 1.x/2.x or SDXL), read from its model_index.json
-    alone: one sentence at once otherwise, with no minutes of Hub retries. Returns the model index."""
-    flag = f"--pretrained_model_name_or_path {model}"
+def check_model(model, family=None, revision=None, cache_dir=None, flag="--pretrained_model_name_or_path"):
+    """The base pipeline exists and is of this script's family (SD 1.x/2.x or SDXL; None takes either), read from its
+    model_index.json alone: one sentence at once otherwise, with no minutes of Hub retries. Returns the model index."""
+    flag = f"{flag} {model}"
     if os.path.isdir(model):
         index_path = os.path.join(model, "model_index.json")
         if not os.path.isfile(index_path):
@@ -1641,7 +1641,7 @@ def check_model(model, family, revision=None, cache_dir=None):
     with open(index_path) as f:
         index = json.load(f)
     sdxl = "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
-    if sdxl != (family == "sdxl"):
+    if family is not None and sdxl != (family == "sdxl"):
         kind = "an SDXL model" if sdxl else "a Stable Diffusion 1.x/2.x model"
         raise DTIError(f"{flag} is {kind}; use {SCRIPTS['sdxl' if sdxl else 'sd']} for it.")
     return index
@@ -1777,6 +1777,11 @@ def add_training_args(parser, default_model, default_resolution, default_flip_p)
     log.add_argument("--num_validation_images", type=positive_int, default=4, help="Images per validation.")
     log.add_argument("--validation_steps", type=positive_int, default=100, help="Validate every N steps (and always at the end).")
     log.add_argument("--num_validation_inference_steps", type=positive_int, default=25, help="Denoising steps of validation images.")
+    log.add_argument("--evaluate_steps", type=positive_int, default=None,
+                     help="Every N steps and at the end, score the validation images as evaluate_dti.py does: text fidelity to --validation_prompt "
+                          "with the placeholder read as --initializer_token, subject fidelity to the training images; logged as eval/*.")
+    log.add_argument("--evaluation_models", nargs="+", default=[], metavar="NAME=ID",
+                     help="--evaluate_steps' scoring models, if not evaluate_dti.py's defaults: clip=ID, siglip=ID, dino=ID (ID none skips).")
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings, validation images and a model card.")
     hub.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
@@ -1805,6 +1810,10 @@ def check_args(args):
     if args.cuda_graphs == "on" and (args.compile or args.gradient_checkpointing):
         other = "--compile (which captures CUDA graphs itself)" if args.compile else "--gradient_checkpointing (the graph keeps the UNet's activations)"
         raise DTIError(f"--cuda_graphs does not go with {other}; drop one of them.")
+    if args.evaluate_steps:  # the scoring models' names are checked here; the models load after the base model
+        if not args.validation_prompt:
+            raise DTIError("--evaluate_steps scores the validation images: pass --validation_prompt too, e.g. 'a <my-toy> on a beach'.")
+        __import__("evaluate_dti").encoder_ids(args.evaluation_models)
     if args.learning_rate is None:
         args.learning_rate = 0.01 if args.optimizer == "rsgd" else 5e-4
     if args.learning_rate <= 0:

@@ -75,6 +75,11 @@ def main(args, callback=None):
         vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant, dtype=vae_dtype)
         unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, dtype=weight_dtype)
         dti.freeze_models(args, accelerator, weight_dtype, unet, vae, [text_encoder])
+        evaluate = None
+        if args.evaluate_steps and accelerator.is_main_process:  # the scoring encoders load only when asked for
+            from evaluate_dti import TrainingEvaluator
+
+            evaluate = TrainingEvaluator(args, images, accelerator.device)
         timer.mark("models")
 
         # -- 2. Add the placeholder tokens and their directional embedding: e = m * v, only v trains --
@@ -167,9 +172,11 @@ def main(args, callback=None):
                     save(global_step, suffix=f"-steps-{global_step}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(global_step)
-                if args.validation_prompt and global_step % args.validation_steps == 0 and not last:
+                if args.validation_prompt and (global_step % args.validation_steps == 0 or evaluate and evaluate.due(global_step)) and not last:
                     validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
                     dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
+                    if evaluate and evaluate.due(global_step) and not stop.requested:  # text and subject fidelity to the trackers
+                        evaluate(global_step, validation_images, accelerator)
             if stop.check(accelerator, synced):
                 break
         progress.close()
@@ -193,6 +200,8 @@ def main(args, callback=None):
                 result.exit_code = 128 + stop.signum
                 return result
             dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
+            if evaluate:
+                evaluate(global_step, validation_images, accelerator)
             if args.save_as_full_pipeline:
                 embedding.fold_into_encoder()
                 StableDiffusionPipeline.from_pretrained(**model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer).save_pretrained(

@@ -1,6 +1,5 @@
 """Each speed-up leaves the math unchanged: cached latents, prompts tokenized once, placeholder rows only."""
 
-import os
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ Runs are shared through module-scoped fixtures: one real entry-point run (subpro
 and pooled-output tests; the other runs call main() in this process.
 """
 
-import argparse
 import glob
 import os
 import shutil

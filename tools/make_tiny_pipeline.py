@@ -6,6 +6,7 @@ work on a CPU without the Hub.
 
     python tools/make_tiny_pipeline.py --output tiny-sd --images tiny-images
     python tools/make_tiny_pipeline.py --sdxl --output tiny-sdxl
+    python tools/make_tiny_pipeline.py --output tiny-sd --encoders tiny-encoders   # + evaluate_dti.py's scoring models
 """
 
 import argparse
@@ -149,6 +150,77 @@ def make_tiny_sdxl(output_dir, seed=0, eos_token_id_2=2):
     return output_dir
 
 
+def make_tiny_clip(output_dir, seed=0, image_size=32):
+    """A tiny random CLIPModel (text and vision towers, projection 16) with its processor: the --clip_model of
+    evaluate_dti.py offline. The image processor is the PIL one (no torchvision)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=dict(tower, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+                        vision_config=dict(tower, image_size=image_size, patch_size=8), projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(output_dir)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output_dir)
+    return output_dir
+
+
+def tiny_unigram_tokenizer(model_max_length=16):
+    """A Unigram tokenizer with SentencePiece's "▁" word marks, lower case, "</s>" at the end and as padding: the form
+    of SigLIP's tokenizer, built with `tokenizers` alone (SigLIP's own needs sentencepiece and a trained model file)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)] + [("▁" + w, -2.0) for w in WORDS]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="</s>", eos_token="</s>", unk_token="<unk>", model_max_length=model_max_length)
+
+
+def make_tiny_siglip(output_dir, seed=0, image_size=32):
+    """A tiny random SiglipModel with a SiglipProcessor (PIL image processor, tiny_unigram_tokenizer)."""
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = tiny_unigram_tokenizer()
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = SiglipConfig(text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, projection_size=32,
+                                           bos_token_id=None, eos_token_id=1, pad_token_id=1),
+                          vision_config=dict(tower, image_size=image_size, patch_size=8))
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(output_dir)
+    SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer).save_pretrained(output_dir)
+    return output_dir
+
+
+def make_tiny_dinov2(output_dir, seed=0, image_size=32):
+    """A tiny random Dinov2Model with DINOv2's image processor (BitImageProcessor, the PIL one, ImageNet statistics)."""
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=image_size, patch_size=8)
+    Dinov2Model(config).save_pretrained(output_dir)
+    BitImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},  # ImageNet statistics, as facebook/dinov2-*
+                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(output_dir)
+    return output_dir
+
+
+def make_tiny_encoders(output_dir, seed=0):
+    """The three scoring models of evaluate_dti.py, tiny and random: {"clip", "siglip", "dino": folder}."""
+    makers = {"clip": make_tiny_clip, "siglip": make_tiny_siglip, "dino": make_tiny_dinov2}
+    return {name: make(os.path.join(output_dir, name), seed=seed) for name, make in makers.items()}
+
+
 def make_example_images(output_dir, count=4, size=64, seed=0):
     """Write a few PNGs of a coloured shape on a background: a stand-in for a user's photos."""
     os.makedirs(output_dir, exist_ok=True)
@@ -170,6 +242,7 @@ def main():
     parser.add_argument("--output", required=True, help="Folder for the pipeline.")
     parser.add_argument("--sdxl", action="store_true", help="Build a tiny SDXL pipeline instead of SD.")
     parser.add_argument("--images", default=None, help="Also write example images to this folder.")
+    parser.add_argument("--encoders", default=None, help="Also write tiny CLIP, SigLIP and DINOv2 models (evaluate_dti.py's scorers) to this folder.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.sdxl:
@@ -180,6 +253,9 @@ def main():
     if args.images:
         make_example_images(args.images, seed=args.seed)
         print(f"Wrote example images to {args.images}")
+    if args.encoders:
+        make_tiny_encoders(args.encoders, seed=args.seed)
+        print(f"Wrote tiny CLIP, SigLIP and DINOv2 models to {args.encoders}/clip, siglip, dino")
 
 
 if __name__ == "__main__":
