@@ -127,3 +127,20 @@ def test_two_project_runs_in_one_process_learn_the_same_vectors(tmp_path):
     second = benchmark_training.project_run(args, folder, images, 2, 1, "--log_steps", "7")  # a flag that changes no math
     assert first["vectors"].shape == (1, 32)
     torch.testing.assert_close(second["vectors"], first["vectors"], rtol=0, atol=0)
+
+
+@pytest.mark.subprocess
+def test_gpu_checks_run_in_tiny_mode_and_pass(tmp_path):
+    """benchmarks/gpu_checks.sh, what a GPU session runs before a release, here on tiny pipelines on the CPU: every
+    check but the capture (SD fp16 with validation, checkpoint and an exact resume; SDXL bf16 and fp16 validation)."""
+    env = subprocess_env(PYTHON=sys.executable, DTI_BENCH_WORKDIR=str(tmp_path / "work"))
+    proc = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_checks.sh"), str(tmp_path / "out"), "--tiny"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "all checks passed" in lines and not [line for line in lines if line.startswith("FAIL")]
+    passed = [line for line in lines if line.startswith("PASS")]
+    assert "PASS sd15 fp16: the resumed run ends 0.0000 degrees from the uninterrupted one (limit 0.05)" in passed
+    assert len([line for line in passed if "validation images, none black or flat" in line]) == 5
+    assert not [line for line in passed if "captured" in line]  # no CUDA here: the capture checks are GPU-only
+    assert (tmp_path / "out" / "checks.txt").read_text().splitlines() == lines
