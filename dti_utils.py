@@ -45,7 +45,8 @@ __all__ = [
     "DirectionalEmbedding", "add_directional_embedding", "vocabulary_norm_stats", "resolve_token_scale",
     "placeholder_token_list", "initializer_ids", "resolve_tokens", "add_placeholder_tokens", "nearest_vocabulary_tokens",
     # data cache
-    "OBJECT_TEMPLATES", "STYLE_TEMPLATES", "TrainingImage", "load_training_images", "warn_small_images", "prompt_templates", "tokenize_prompts", "image_to_tensor",
+    "OBJECT_TEMPLATES", "STYLE_TEMPLATES", "TrainingImage", "load_training_images", "warn_small_images", "prompt_templates", "tokenize_prompts",
+    "caption_prompt", "training_prompts", "image_to_tensor",
     "square_view", "resized_shorter_side", "crop_positions", "build_views", "encode_views", "TrainingData",
     "step_generator", "diffusion_loss",
     # embedding files
@@ -63,7 +64,7 @@ __all__ = [
     # validation, model card and Hub
     "log_validation", "decode_latents", "log_nearest_tokens", "create_hub_repo", "write_model_card", "push_output_to_hub",
     # model checks and command line
-    "check_model", "prepare_output_dir", "add_training_args", "check_args", "finite_float",
+    "check_model", "model_resolution", "prepare_output_dir", "add_training_args", "check_args", "finite_float",
 ]
 
 
@@ -432,10 +433,10 @@ def prompt_templates(learnable_property):
 
 
 class TrainingImage:
-    """One training image: its name (file or dataset row) and the decoded RGB picture."""
+    """One training image: its name (file or dataset row), the decoded RGB picture and its caption (None: templates)."""
 
-    def __init__(self, name, image):
-        self.name, self.image = name, image
+    def __init__(self, name, image, caption=None):
+        self.name, self.image, self.caption = name, image, caption or None
 
 
 def _to_rgb(image, name):
@@ -458,8 +459,9 @@ def _to_rgb(image, name):
     return image.convert("RGB")
 
 
-def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_name=None, image_column="image", cache_dir=None):
-    """The training images (TrainingImage: name and RGB picture), from a folder or a `datasets` dataset."""
+def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_name=None, image_column="image", cache_dir=None, caption_column=None):
+    """The training images (TrainingImage: name, RGB picture, caption), from a folder (captions in NAME.txt beside
+    NAME.jpg) or a `datasets` dataset (captions in `caption_column`)."""
     if dataset_name:
         import datasets
 
@@ -467,13 +469,15 @@ def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_
             ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
         except Exception as e:
             raise DTIError(f"--dataset_name {dataset_name!r} could not be loaded ({type(e).__name__}: {e}).")
-        if image_column not in ds.column_names:
-            raise DTIError(f"--image_column {image_column!r} is not a column of {dataset_name!r}; its columns are {ds.column_names}.")
+        for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+            if column is not None and column not in ds.column_names:
+                raise DTIError(f"{flag} {column!r} is not a column of {dataset_name!r}; its columns are {ds.column_names}.")
+        captions = ds[caption_column] if caption_column else [None] * len(ds)
         images = []
-        for i, item in enumerate(ds[image_column]):
+        for i, (item, caption) in enumerate(zip(ds[image_column], captions)):
             if not isinstance(item, Image.Image):
                 raise DTIError(f"Row {i} of column {image_column!r} in {dataset_name!r} is not an image; pass the image column with --image_column.")
-            images.append(TrainingImage(f"row {i} of {dataset_name}", _to_rgb(item, f"row {i} of {dataset_name}")))
+            images.append(TrainingImage(f"row {i} of {dataset_name}", _to_rgb(item, f"row {i} of {dataset_name}"), " ".join(str(caption or "").split())))
         if not images:
             raise DTIError(f"--dataset_name {dataset_name!r} has no images in its train split.")
         return images
@@ -483,7 +487,8 @@ def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_
         raise DTIError(f"--train_data_dir {train_data_dir} is not a folder; pass the folder that holds your images.")
     names = sorted(n for n in os.listdir(train_data_dir) if not n.startswith(".") and os.path.isfile(os.path.join(train_data_dir, n)))
     image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    skipped = [n for n in names if n not in image_names]
+    caption_files = {os.path.splitext(n)[0] + ".txt" for n in image_names} & set(names)  # NAME.txt beside NAME.jpg
+    skipped = [n for n in names if n not in image_names and n not in caption_files]
     if skipped:
         logger.warning(f"Skipping {len(skipped)} file(s) in {train_data_dir} that are not images: {', '.join(skipped)}")
     if not image_names:
@@ -500,6 +505,14 @@ def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_
             raise DTIError(f"Image {path} is too large to decode safely (Pillow's decompression-bomb limit); resize it below 16384x16384.")
         except (UnidentifiedImageError, OSError) as e:
             raise DTIError(f"Image {path} cannot be read ({e}); remove or replace it.")
+    for im, name in zip(images, image_names):
+        caption_file = os.path.splitext(name)[0] + ".txt"
+        if caption_file in caption_files:
+            try:
+                with open(os.path.join(train_data_dir, caption_file), encoding="utf-8") as f:
+                    im.caption = " ".join(f.read().split()) or None
+            except (OSError, UnicodeDecodeError) as e:
+                raise DTIError(f"Caption {os.path.join(train_data_dir, caption_file)} cannot be read as UTF-8 text ({e}); fix or remove it.")
     return images
 
 
@@ -514,6 +527,35 @@ def tokenize_prompts(tokenizers, prompts, device):
     """Token ids (num_prompts, max_length) of the prompts, once per tokenizer, on the device."""
     return [tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids.to(device)
             for tok in tokenizers]
+
+
+def caption_prompt(caption, placeholder, caption_token=None):
+    """A caption as a training prompt: the placeholder written at each `{}`, else in place of each whole-word
+    `caption_token` (any case; the class word, say), else prefixed: "<toy>, a toy on a table"."""
+    if "{}" in caption:
+        return caption.replace("{}", placeholder)
+    pattern = rf"(?<!\w){re.escape(caption_token)}(?!\w)" if caption_token else None
+    if pattern and re.search(pattern, caption, flags=re.IGNORECASE):
+        return re.sub(pattern, lambda _: placeholder, caption, flags=re.IGNORECASE)
+    return f"{placeholder}, {caption}"
+
+
+def training_prompts(tokenizers, images, tokens, learnable_property, device, caption_token=None):
+    """Every prompt, tokenized once per tokenizer: the templates, then one row per captioned image. Returns
+    (prompt_ids, caption_rows): caption_rows[i] is image i's row, or -1 where it has no caption (it uses the templates)."""
+    placeholder = " ".join(tokens)
+    prompts = [template.format(placeholder) for template in prompt_templates(learnable_property)]
+    rows = []
+    for image in images:
+        rows.append(len(prompts) if image.caption else -1)
+        prompts += [caption_prompt(image.caption, placeholder, caption_token)] if image.caption else []
+    captioned = [im for im, row in zip(images, rows) if row >= 0]
+    if 0 < len(captioned) < len(images):
+        logger.warning(f"{len(captioned)} of {len(images)} images have a caption; the other {len(images) - len(captioned)} use the {learnable_property} templates.")
+    cut = [im.name for im, row in zip(images, rows) if row >= 0 and any(len(tok(prompts[row], verbose=False).input_ids) > tok.model_max_length for tok in tokenizers)]
+    if cut:
+        logger.warning(f"{len(cut)} caption(s) run past the text encoder's {tokenizers[0].model_max_length} tokens and are cut there: {', '.join(cut)}")
+    return tokenize_prompts(tokenizers, prompts, device), torch.tensor(rows, dtype=torch.long)
 
 
 def image_to_tensor(image):
@@ -590,9 +632,11 @@ class TrainingData:
     A step draws a latent from the cached mean and std, which has the distribution of encoding anew. The order is a
     function of (seed, epoch) and the noise of (seed, step, rank), so the data position is the step count and a
     resume continues exactly. Every micro-batch has the same size (the epoch's order wraps around to fill the last
-    one), so the UNet always sees one input shape: one CUDA graph, one memory pool."""
+    one), so the UNet always sees one input shape: one CUDA graph, one memory pool. A sample of a captioned image
+    (caption_rows[image] >= 0, see `training_prompts`) takes its caption, or with probability caption_dropout the
+    template drawn for it; the draw comes from the same (seed, epoch) stream, so a resume stays exact."""
 
-    def __init__(self, latent_means, latent_stds, view_index, prompt_ids, repeats, flip_p, seed, extra=None):
+    def __init__(self, latent_means, latent_stds, view_index, prompt_ids, repeats, flip_p, seed, extra=None, caption_rows=None, caption_dropout=0.0):
         self.latent_means, self.latent_stds = latent_means, latent_stds  # (num_views, C, h, w) float32
         self.view_index = torch.as_tensor(view_index).cpu()  # (images, 1 or 2 flips, crops) long; read once per epoch
         self.prompt_ids = prompt_ids  # list of (num_prompts, L) tensors, one per tokenizer
@@ -600,6 +644,9 @@ class TrainingData:
         self.length = self.num_images * repeats
         self.flip_p, self.seed = flip_p, seed
         self.extra = extra or {}  # per-view tensors (SDXL time ids), indexed like the latents
+        self.caption_rows = None if caption_rows is None or (caption_rows < 0).all() else caption_rows.cpu()
+        self.num_templates = self.prompt_ids[0].shape[0] - (0 if self.caption_rows is None else int((self.caption_rows >= 0).sum()))
+        self.caption_dropout = caption_dropout
         self._epoch_cache = {}
 
     def steps_per_epoch(self, batch_size, num_processes):
@@ -613,11 +660,14 @@ class TrainingData:
             order = torch.randperm(self.length, generator=g)
             flips = (torch.rand(self.length, generator=g) < self.flip_p).long().clamp_max(self.view_index.shape[1] - 1)
             crops = torch.randint(0, self.view_index.shape[2], (self.length,), generator=g)
-            templates = torch.randint(0, self.prompt_ids[0].shape[0], (self.length,), generator=g)
+            prompts = torch.randint(0, self.num_templates, (self.length,), generator=g)
+            if self.caption_rows is not None:  # the image's caption unless dropped; an image without one keeps its template
+                caption = self.caption_rows[torch.arange(self.length) % self.num_images]
+                prompts = torch.where((torch.rand(self.length, generator=g) >= self.caption_dropout) & (caption >= 0), caption, prompts)
             order = order[torch.arange(math.ceil(self.length / span) * span) % self.length]  # wrap to whole batches
             views = self.view_index[order % self.num_images, flips[order], crops[order]]
             device = self.latent_means.device
-            self._epoch_cache = {(epoch, span): (views.to(device), templates[order].to(device))}
+            self._epoch_cache = {(epoch, span): (views.to(device), prompts[order].to(device))}
         return self._epoch_cache[(epoch, span)]
 
     def batch(self, micro_step, batch_size, num_processes, rank):
@@ -1647,6 +1697,20 @@ def check_model(model, family=None, revision=None, cache_dir=None, flag="--pretr
     return index
 
 
+def model_resolution(model, revision=None, cache_dir=None):
+    """The model's native resolution, unet sample_size x the VAE's 2 ** (len(block_out_channels) - 1): 512 for SD 1.5,
+    768 for SD 2.x 768-v. Read from the two config files alone (diffusers' load_config), before any weights load."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet, vae = (cls.load_config(model, subfolder=sub, revision=revision, cache_dir=cache_dir)
+                     for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")))
+        size = unet["sample_size"]
+        return (max(size) if isinstance(size, (list, tuple)) else size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise DTIError(f"The unet/vae config of {model} gives no default resolution ({type(e).__name__}: {e}); pass --resolution.") from None
+
+
 def prepare_output_dir(output_dir, resuming):
     """--output_dir is a folder that can be created and written (a real probe file), stale temporary files of a killed
     run are removed, and a previous run's embedding that this run would replace is named."""
@@ -1693,7 +1757,8 @@ REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
 
 
 def add_training_args(parser, default_model, default_resolution, default_flip_p):
-    """The flags of diffusers' textual-inversion examples (same names and meanings) plus DTI's own."""
+    """The flags of diffusers' textual-inversion examples (same names and meanings) plus DTI's own. default_resolution
+    None: the model's own (`model_resolution`)."""
     dti = parser.add_argument_group("Directional Textual Inversion")
     dti.add_argument("--optimizer", choices=["rsgd", "adamw"], default="rsgd",
                      help="rsgd: DTI (fixed norm, Riemannian SGD on the direction). adamw: classic textual inversion (unconstrained "
@@ -1718,14 +1783,26 @@ def add_training_args(parser, default_model, default_resolution, default_flip_p)
                          help="Number of vectors for the concept (default: one per initializer token). A one-token initializer is copied.")
     concept.add_argument("--learnable_property", choices=["object", "style"], default="object", help="Prompt templates: object or style.")
     data = parser.add_argument_group("Data")
-    data.add_argument("--train_data_dir", default=None, help="Folder of training images (other files are skipped with a warning).")
+    data.add_argument("--train_data_dir", default=None,
+                      help="Folder of training images; NAME.txt beside NAME.jpg is its caption (other files are skipped with a warning).")
     data.add_argument("--dataset_name", default=None, help="A `datasets` dataset instead: a Hub id or a local image folder.")
     data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name, if it has several.")
     data.add_argument("--image_column", default="image", help="Column of --dataset_name that holds the images.")
+    data.add_argument("--caption_column", default=None, help="Column of --dataset_name that holds per-image captions (default: none, the templates).")
+    data.add_argument("--caption_token", default=None,
+                      help="A caption is the prompt, with the placeholder written at '{}', else in place of this word (e.g. the class word "
+                           "'toy', whole word, any case), else prefixed ('<toy>, CAPTION'). Images without a caption use the templates.")
+    data.add_argument("--caption_dropout", type=probability, default=0.0, help="Probability that a captioned sample uses a template instead.")
     data.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
     data.add_argument("--repeats", type=positive_int, default=100, help="How many times the images repeat in one epoch.")
-    data.add_argument("--resolution", type=positive_int, default=default_resolution, help="Training resolution in pixels (divisible by 8).")
-    data.add_argument("--center_crop", action="store_true", help="Centre-crop images before resizing (default: resize the whole image).")
+    data.add_argument("--resolution", type=positive_int, default=default_resolution,
+                      help="Training resolution in pixels (divisible by 8). Default: " + (f"{default_resolution}." if default_resolution else
+                           "the model's own, unet sample_size x VAE scale factor from its configs (512 for SD 1.5, 768 for SD 2.x 768-v)."))
+    data.add_argument("--crop_positions", type=positive_int, default=8,
+                      help="Each image is resized so that its shorter side is --resolution, then cropped square at one of this many evenly "
+                           "spaced positions along its longer side, drawn per sample; each view is encoded by the VAE once. The aspect ratio "
+                           "is kept: the subject is never squashed.")
+    data.add_argument("--center_crop", action="store_true", help="Use the central crop only.")
     data.add_argument("--flip_p", type=probability, default=default_flip_p, help="Probability of a horizontal flip.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads that resize the images at start-up (the loop reads cached latents).")
     train = parser.add_argument_group("Training")
@@ -1794,13 +1871,15 @@ def add_training_args(parser, default_model, default_resolution, default_flip_p)
 def check_args(args):
     """Checks between flags that need no model: one clear sentence per problem, before anything heavy loads."""
     args.local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank))
-    if args.resolution % 8:
+    if args.resolution is not None and args.resolution % 8:
         raise DTIError(f"--resolution {args.resolution} is not a multiple of 8; the VAE downsamples by 8 (try 512 or 768).")
     resolve_token_scale(args.token_scale, {"mean": 1.0, "min": 1.0, "max": math.inf})
     if args.train_data_dir is None and args.dataset_name is None:
         raise DTIError("No training images: pass --train_data_dir FOLDER or --dataset_name.")
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise DTIError("Pass either --train_data_dir or --dataset_name, not both.")
+    if args.caption_column and not args.dataset_name:
+        raise DTIError("--caption_column goes with --dataset_name; in a --train_data_dir folder the caption of NAME.jpg is NAME.txt beside it.")
     if args.report_to in ("wandb", "all") and __import__("importlib").util.find_spec("wandb") is None:
         raise DTIError("--report_to wandb needs wandb: pip install wandb, or use --report_to tensorboard.")
     if args.enable_xformers_memory_efficient_attention and __import__("importlib").util.find_spec("xformers") is None:

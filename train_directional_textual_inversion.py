@@ -2,12 +2,15 @@
 r"""Directional Textual Inversion for Stable Diffusion 1.x/2.x: a drop-in for diffusers' textual_inversion.py.
 
     accelerate launch train_directional_textual_inversion.py \
-      --train_data_dir ./cat_toy --placeholder_token "<cat-toy>" --initializer_token toy \
+      --dataset_name diffusers/cat_toy_example --placeholder_token "<cat-toy>" --initializer_token toy \
       --output_dir cat-toy-dti --validation_prompt "a <cat-toy> in a Japanese modern city street"
 
 The learned vectors keep a fixed in-distribution norm m (the vocabulary's mean norm by default) and only their
 direction is trained, by Riemannian SGD with a von Mises-Fisher prior (arXiv 2512.13672). The output loads with
 `pipe.load_textual_inversion(output_dir)`. `--optimizer adamw` runs classic textual inversion for comparison.
+
+Images keep their aspect ratio (shorter side resized to the model's resolution, square crops along the longer side);
+a NAME.txt beside NAME.jpg is that image's caption (see --caption_token).
 """
 
 import time
@@ -35,8 +38,12 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=512, default_flip_p=0.5)
+    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=None, default_flip_p=0.5)
     parser.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path, if not the model's own.")
+    parser.add_argument("--resize_mode", choices=["crop", "squash"], default="crop",
+                        help="crop (default, the reference recipe): shorter side to --resolution, square crops along the longer side "
+                             "(--crop_positions), aspect ratio kept. squash: diffusers' example, the whole image resized to a square "
+                             "(after a central square crop with --center_crop), which distorts a non-square subject.")
     return dti.check_args(parser.parse_args(argv))
 
 
@@ -55,7 +62,10 @@ def main(args, callback=None):
         source = args.tokenizer_name or args.pretrained_model_name_or_path
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=None if args.tokenizer_name else "tokenizer", revision=args.revision, cache_dir=args.cache_dir)
         tokens, init_ids = dti.resolve_tokens(tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors, args.allow_multi_token_initializer)
-        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
+        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
+        if args.resolution is None:  # the model's own, from its config files: 512 for SD 1.5, 768 for SD 2.x 768-v
+            args.resolution = dti.model_resolution(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+            logger.info(f"--resolution {args.resolution} (the model's unet sample_size x VAE scale factor)")
         dti.warn_small_images(images, args.resolution)
         dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
         checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -85,13 +95,16 @@ def main(args, callback=None):
         # -- 2. Add the placeholder tokens and their directional embedding: e = m * v, only v trains --
         embedding = dti.add_directional_embedding(tokenizer, text_encoder, tokens, init_ids, args.token_scale, classic=args.optimizer == "adamw")
 
-        # -- 3. Data: every distinct view (each image and its mirror) VAE-encoded once, the prompts tokenized once --
+        # -- 3. Data: every distinct view (each crop position of each image, and its mirror) VAE-encoded once; the prompts
+        #       (templates and captions) tokenized once --
+        res, squash = args.resolution, args.resize_mode == "squash"  # squash: diffusers' one square per image, so one crop position
         with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
-            squares = list(pool.map(lambda im: dti.square_view(im.image, args.resolution, args.center_crop), images))
-        keys, view_index = dti.build_views(squares, lambda image: [None], flip=args.flip_p > 0)
-        means, stds = dti.encode_views(vae, keys, lambda i, crop: squares[i], accelerator.device)
-        prompts = [template.format(" ".join(tokens)) for template in dti.prompt_templates(args.learnable_property)]
-        data = dti.TrainingData(means, stds, view_index, dti.tokenize_prompts([tokenizer], prompts, accelerator.device), args.repeats, args.flip_p, args.seed)
+            resized = list(pool.map(lambda im: dti.square_view(im.image, res, args.center_crop) if squash else dti.resized_shorter_side(im.image, res), images))
+        keys, view_index = dti.build_views(resized, lambda image: dti.crop_positions(image, res, args.center_crop, args.crop_positions), flip=args.flip_p > 0)
+        means, stds = dti.encode_views(vae, keys, lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)), accelerator.device)
+        prompt_ids, caption_rows = dti.training_prompts([tokenizer], images, tokens, args.learnable_property, accelerator.device, args.caption_token)
+        data = dti.TrainingData(means, stds, view_index, prompt_ids, args.repeats, args.flip_p, args.seed,
+                                caption_rows=caption_rows, caption_dropout=args.caption_dropout)
         timer.mark("latents")
 
         # -- 4. The optimizer and schedule. DTI: Riemannian SGD on the direction, with the vMF prior toward the
@@ -129,7 +142,7 @@ def main(args, callback=None):
 
         # -- 6. The training loop --
         logger.info("***** Running training *****")
-        logger.info(f"  Images = {len(images)} x {args.repeats} repeats, batch {args.train_batch_size} per device x {accelerator.num_processes} processes "
+        logger.info(f"  Images = {len(images)} x {args.repeats} repeats ({len(keys)} cached views), batch {args.train_batch_size} per device x {accelerator.num_processes} processes "
                     f"x {args.gradient_accumulation_steps} accumulation")
         logger.info(f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, seed = {args.seed}")
         logger.info(f"  Tokens {embedding.tokens}, norm {'free (classic TI)' if embedding.norm is None else f'{embedding.norm:.6f}'}")

@@ -37,9 +37,6 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=768, default_flip_p=0.0)
-    parser.add_argument("--crop_positions", type=dti.positive_int, default=8,
-                        help="Random crop: the crop is drawn from this many evenly spaced positions along the long side, "
-                             "each encoded by the VAE once (ignored with --center_crop).")
     return dti.check_args(parser.parse_args(argv))
 
 
@@ -72,7 +69,7 @@ def main(args, callback=None):
         if len(resolved[1][1]) != len(tokens):
             raise DTIError(f"--initializer_token {args.initializer_token!r} gives {len(tokens)} and {len(resolved[1][1])} tokens in the two "
                            f"tokenizers; use a one-token initializer with --num_vectors.")
-        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir)
+        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
         dti.warn_small_images(images, args.resolution)
         dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
         checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
@@ -114,9 +111,9 @@ def main(args, callback=None):
         # time ids = original size (h, w) + crop top-left + target size, per view; a mirrored view's crop starts from the other side
         time_ids = torch.tensor([[images[i].image.height, images[i].image.width, top, resized[i].width - res - left if mirrored else left, res, res]
                                  for i, mirrored, (top, left) in keys], dtype=torch.float32, device=accelerator.device)
-        prompts = [template.format(" ".join(tokens)) for template in dti.prompt_templates(args.learnable_property)]
-        data = dti.TrainingData(means, stds, view_index, dti.tokenize_prompts(tokenizers, prompts, accelerator.device), args.repeats, args.flip_p, args.seed,
-                                extra={"time_ids": time_ids})
+        prompt_ids, caption_rows = dti.training_prompts(tokenizers, images, tokens, args.learnable_property, accelerator.device, args.caption_token)
+        data = dti.TrainingData(means, stds, view_index, prompt_ids, args.repeats, args.flip_p, args.seed, extra={"time_ids": time_ids},
+                                caption_rows=caption_rows, caption_dropout=args.caption_dropout)
         timer.mark("latents")
 
         # -- 4. The optimizer and schedule. DTI: Riemannian SGD on both encoders' directions, each with the vMF prior
