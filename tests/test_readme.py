@@ -2,11 +2,15 @@
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
+
+from conftest import run_inprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +53,26 @@ def test_smoke_run_as_written(tmp_path):
     assert vectors.shape == (1, 32)
     assert (tmp_path / "smoke-output" / "toy.png").stat().st_size > 0
     assert len(list((tmp_path / "smoke-output" / "validation").glob("*.png"))) == 1
+
+
+def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_sd, tmp_path):
+    """The README's first command names the public example dataset; run as written (but for the tiny model, the size and
+    the step count) on a local folder with that dataset's layout, through the same `datasets` image-folder path."""
+    install, launch = readme_block("Install and train")[0].split(" && ")
+    assert install == "pip install -r requirements.txt"
+    argv = shlex.split(launch)
+    assert argv[:3] == ["accelerate", "launch", "train_directional_textual_inversion.py"]
+    at = argv.index("--dataset_name") + 1
+    assert argv[at] == "diffusers/cat_toy_example"
+    data = tmp_path / "cat_toy_example"  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
+    data.mkdir()
+    (data / ".gitattributes").write_text("*.jpeg filter=lfs diff=lfs merge=lfs -text\n")
+    for i in range(6):
+        Image.new("RGB", (48 + 8 * i, 40), (30 * i, 120, 200 - 20 * i)).save(data / f"{i + 1}.jpeg")
+    argv[at] = str(data)
+    out = tmp_path / "out"
+    result = run_inprocess(argv[3:] + ["--pretrained_model_name_or_path", tiny_sd, "--resolution", "32", "--max_train_steps", "1", "--output_dir", out,
+                                       "--cache_dir", tmp_path / "cache", "--report_to", "none", "--num_validation_images", "1",
+                                       "--num_validation_inference_steps", "1", "--crop_positions", "2"])
+    assert result.data.num_images == 6
+    assert load_file(out / "learned_embeds.safetensors")["<cat-toy>"].shape == (1, 32)
