@@ -530,13 +530,15 @@ def tokenize_prompts(tokenizers, prompts, device):
 
 
 def caption_prompt(caption, placeholder, caption_token=None):
-    """A caption as a training prompt: the placeholder written at each `{}`, else in place of each whole-word
-    `caption_token` (any case; the class word, say), else prefixed: "<toy>, a toy on a table"."""
+    """A caption as a training prompt: the placeholder (all its tokens) written at each `{}`, else in place of the
+    placeholder's first token where the caption writes it, else of each whole-word `caption_token` (any case; the
+    class word, say), else prefixed: "<toy>, a toy on a table"."""
     if "{}" in caption:
         return caption.replace("{}", placeholder)
-    pattern = rf"(?<!\w){re.escape(caption_token)}(?!\w)" if caption_token else None
-    if pattern and re.search(pattern, caption, flags=re.IGNORECASE):
-        return re.sub(pattern, lambda _: placeholder, caption, flags=re.IGNORECASE)
+    for word in filter(None, (placeholder.split()[0], caption_token)):
+        pattern = rf"(?<!\w){re.escape(word)}(?!\w)"
+        if re.search(pattern, caption, flags=re.IGNORECASE):
+            return re.sub(pattern, lambda _: placeholder, caption, flags=re.IGNORECASE)
     return f"{placeholder}, {caption}"
 
 
@@ -1791,7 +1793,8 @@ def add_training_args(parser, default_model, default_resolution, default_flip_p)
     data.add_argument("--caption_column", default=None, help="Column of --dataset_name that holds per-image captions (default: none, the templates).")
     data.add_argument("--caption_token", default=None,
                       help="A caption is the prompt, with the placeholder written at '{}', else in place of this word (e.g. the class word "
-                           "'toy', whole word, any case), else prefixed ('<toy>, CAPTION'). Images without a caption use the templates.")
+                           "'toy', whole word, any case) unless the caption writes the placeholder itself, else prefixed ('<toy>, CAPTION'). "
+                           "Images without a caption use the templates.")
     data.add_argument("--caption_dropout", type=probability, default=0.0, help="Probability that a captioned sample uses a template instead.")
     data.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
     data.add_argument("--repeats", type=positive_int, default=100, help="How many times the images repeat in one epoch.")

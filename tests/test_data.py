@@ -255,6 +255,13 @@ def test_captions_give_the_expected_prompts(tiny_sd, captioned_images, ids_of, t
     assert len(cut) == 1 and cut[0].endswith(f"1 caption(s) run past the text encoder's 77 tokens and are cut there: {captioned_images / 'example_4.png'}")
 
 
+def test_caption_naming_the_placeholder_gets_all_its_tokens():
+    """A caption that writes the placeholder itself keeps it, each vector's token in place (a multi-vector token)."""
+    assert dti_utils.caption_prompt("a <T> toy by the sea", "<t> <t>_1", "toy") == "a <t> <t>_1 toy by the sea"  # before the class word
+    assert dti_utils.caption_prompt("a <t>_1 and a toy", "<t> <t>_1", "toy") == "a <t>_1 and a <t> <t>_1"  # <t>_1 is not <t>
+    assert dti_utils.caption_prompt("{} and {}", "<t>", "toy") == "<t> and <t>"
+
+
 def test_resume_is_exact_with_captions(tiny_sd, captioned_images, tmp_path):
     flags = ("--caption_token", "toy", "--caption_dropout", "0.5", "--repeats", "1", "--train_batch_size", "2", "--checkpointing_steps", "2",
              "--crop_positions", "2")
