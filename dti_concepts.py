@@ -7,7 +7,7 @@ r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL):
     python dti_concepts.py rescale EMB --model MODEL --to mean|min|max|FLOAT --output OUT
 
 Inputs are training output folders, diffusers files, AUTOMATIC1111 .pt/.safetensors and the SDXL clip_l/clip_g
-single file, detected automatically (dti_utils reads and writes every form). The same functions are importable:
+single file, detected automatically (read here; every form is written by dti_utils). The same functions are importable:
 slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, rescale_embedding, render_interpolation,
 plot_training_curves.
 """
@@ -24,11 +24,12 @@ from PIL import Image
 
 from dti_utils import (
     CONVERT_TARGETS, ENCODERS, EMBEDDING_EXTENSIONS, SINGLE_FILE_KEYS, ConceptEmbedding, DTIError, DTIWarning, __version__, _atomic_write, _norm_or_none,
-    dist, embedding_slug, initializer_ids, nearest_vocabulary_tokens, placeholder_token_list, read_concept, slerp, vocabulary_norm_stats,
+    dist, embedding_slug, initializer_ids, nearest_vocabulary_tokens, placeholder_token_list, slerp, vocabulary_norm_stats,
     write_concept, write_diffusers, write_single_file,
 )
 
-__all__ = ["check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip", "render_interpolation", "inspect_embedding",
+__all__ = ["read_embedding_file", "read_concept", "check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip",
+           "render_interpolation", "inspect_embedding",
            "format_inspection", "convert_embedding", "base_vocabulary", "rescale_target", "rescale_concept", "rescale_embedding",
            "plot_training_curves", "main"]
 
@@ -68,6 +69,118 @@ def _check_output(output, overwrite):
     if existing and not overwrite:
         raise DTIError(f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass --overwrite to replace it, "
                        f"or choose another --output.")
+
+
+# -- reading every form ------------------------------------------------------------------------------
+
+
+def read_embedding_file(path):
+    """(data dict, metadata dict) of one embedding file; .pt/.bin only through torch.load(weights_only=True)."""
+    if not os.path.isfile(path):
+        raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
+    if not path.lower().endswith(EMBEDDING_EXTENSIONS):
+        raise DTIError(f"{path} is not an embedding file; use a .safetensors, .pt or .bin file or a training output folder.")
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                data, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        else:
+            data, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as e:
+        if isinstance(e, __import__("pickle").UnpicklingError):
+            raise DTIError(f"{path} is not a plain tensor file; only weights-only .pt/.bin files are read, arbitrary pickles are refused.")
+        raise DTIError(f"{path} cannot be read as an embedding file ({type(e).__name__}); check that the download is complete.")
+    if not isinstance(data, dict) or not data:
+        raise DTIError(f"{path} holds {type(data).__name__}{' (empty)' if isinstance(data, dict) else ''}, not a dict of tensors; "
+                       f"this is not a textual-inversion embedding file.")
+    return data, {str(k): str(v) for k, v in metadata.items()}
+
+def _as_matrix(value, path, key):
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise DTIError(f"{path}: entry {key!r} is not a float tensor ({type(value).__name__}); this is not a textual-inversion embedding file.")
+    value = value.unsqueeze(0) if value.dim() == 1 else value
+    if value.dim() != 2 or value.shape[0] < 1 or value.shape[1] < 1:
+        raise DTIError(f"{path}: entry {key!r} has shape {tuple(value.shape)}; an embedding is (num_vectors, dim).")
+    return value.detach().cpu()
+
+def _concept_from_data(data, metadata, path):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if "string_to_param" in data:  # AUTOMATIC1111 .pt
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise DTIError(f"{path}: 'string_to_param' is not a dict of tensors; the AUTOMATIC1111 file is damaged.")
+        meta = dict(metadata)
+        if isinstance(data.get("metadata"), dict):
+            meta.update({str(k): str(v) for k, v in data["metadata"].items()})
+        name = data.get("name")
+        token = name if isinstance(name, str) and name.strip() else meta.get("placeholder_token", stem)
+        if data.get("step") is not None and "steps" not in meta:
+            meta["steps"] = str(data["step"])
+        value = params["*"] if "*" in params else next(iter(params.values()))
+        return ConceptEmbedding(token, {"text_encoder": _as_matrix(value, path, "string_to_param")}, {"text_encoder": meta}, path, "a1111")
+    if "emb_params" in data:  # AUTOMATIC1111 / kohya .safetensors
+        token = metadata.get("placeholder_token") or metadata.get("name") or stem
+        return ConceptEmbedding(token, {"text_encoder": _as_matrix(data["emb_params"], path, "emb_params")}, {"text_encoder": metadata}, path, "a1111")
+    if "clip_l" in data or "clip_g" in data:  # SDXL single file
+        missing = [k for k in ("clip_l", "clip_g") if k not in data]
+        if missing:
+            raise DTIError(f"{path} has {'clip_l' if 'clip_l' in data else 'clip_g'} but no {missing[0]}; an SDXL embedding file holds both.")
+        try:
+            norms = json.loads(metadata["norm"]) if metadata.get("norm", "").startswith("{") else {}
+        except ValueError:
+            norms = {}
+        vectors, metas = {}, {}
+        for name, key in SINGLE_FILE_KEYS.items():
+            vectors[name] = _as_matrix(data[key], path, key)
+            metas[name] = {**metadata, "text_encoder": name}
+            if isinstance(norms, dict) and key in norms:
+                metas[name]["norm"] = repr(float(norms[key])) if norms[key] is not None else "free"
+        if vectors["text_encoder"].shape[0] != vectors["text_encoder_2"].shape[0]:
+            raise DTIError(f"{path} holds {vectors['text_encoder'].shape[0]} clip_l vectors but {vectors['text_encoder_2'].shape[0]} clip_g vectors; the file is damaged.")
+        return ConceptEmbedding(metadata.get("placeholder_token") or stem, vectors, metas, path, "sdxl-single-file")
+    if len(data) == 1:  # diffusers {token: tensor}
+        token, value = next(iter(data.items()))
+        meta = {"text_encoder": "text_encoder", **metadata}
+        return ConceptEmbedding(str(token), {"text_encoder": _as_matrix(value, path, token)}, {"text_encoder": meta}, path, "diffusers")
+    raise DTIError(f"{path} has keys {sorted(map(str, data))[:6]}, which is no embedding form this tool knows; expected {{token: tensor}}, "
+                   f"'string_to_param', 'emb_params' or 'clip_l'/'clip_g'.")
+
+def _find_file(folder, stem):
+    return next((os.path.join(folder, stem + ext) for ext in EMBEDDING_EXTENSIONS if os.path.isfile(os.path.join(folder, stem + ext))), None)
+
+def read_concept(path):
+    """Read an embedding file or a training output folder (SD or SDXL) in any supported form."""
+    if not os.path.isdir(path):
+        return _concept_from_data(*read_embedding_file(path), path)
+    first, second = _find_file(path, "learned_embeds"), _find_file(path, "learned_embeds_2")
+    if first:
+        concept = _concept_from_data(*read_embedding_file(first), first)
+        if concept.sdxl:
+            return concept
+        if second:
+            other = _concept_from_data(*read_embedding_file(second), second)
+            if other.sdxl:
+                raise DTIError(f"{second} holds both encoders' vectors; a learned_embeds_2 file holds text_encoder_2's only.")
+            if other.num_vectors != concept.num_vectors:
+                raise DTIError(f"{first} has {concept.num_vectors} vector(s) but {second} has {other.num_vectors}; the folder mixes two trainings.")
+            if other.token != concept.token:
+                warnings.warn(f"{first} names the token {concept.token!r} but {second} names {other.token!r}; using {concept.token!r}.", DTIWarning)
+            metadata = {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": {**other.metadata["text_encoder"], "text_encoder": "text_encoder_2"}}
+            return ConceptEmbedding(concept.token, {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
+                                    metadata, path, "diffusers-folder")
+        concept.source, concept.form = path, "diffusers-folder"
+        return concept
+    if second:
+        raise DTIError(f"{path} has learned_embeds_2 but no learned_embeds file; an SDXL output needs both.")
+    candidates = sorted(n for n in os.listdir(path) if n.lower().endswith(EMBEDDING_EXTENSIONS) and not n.startswith(".")
+                        and "-steps-" not in n and os.path.isfile(os.path.join(path, n)))
+    if len(candidates) == 1:
+        return _concept_from_data(*read_embedding_file(os.path.join(path, candidates[0])), os.path.join(path, candidates[0]))
+    if not candidates:
+        raise DTIError(f"{path} holds no learned_embeds.safetensors (or any embedding file); pass a training output folder or an embedding file.")
+    raise DTIError(f"{path} holds several embedding files ({', '.join(candidates[:5])}) and no learned_embeds.safetensors; pass one file.")
 
 
 # -- slerp --------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+import dti_cli as cli
+import dti_concepts as concepts
 import dti_utils as dti
 from dti_utils import DTIError
 
@@ -110,16 +112,16 @@ def parse_args(argv=None):
     parser.add_argument("--class_word", required=True, help="What the token stands for, e.g. 'toy': text fidelity scores the prompt with this word in the token's place.")
     parser.add_argument("--prompts", nargs="+", default=["simple", "complex"],
                         help=f"Prompt sets: {', '.join(PROMPT_SETS)} (about 20 prompts each), or text files with one prompt a line and {{}} for the token.")
-    parser.add_argument("--seeds", type=dti.positive_int, default=4, help="Images per prompt, seeds --first_seed, --first_seed + 1, ...; the same for every embedding.")
+    parser.add_argument("--seeds", type=cli.positive_int, default=4, help="Images per prompt, seeds --first_seed, --first_seed + 1, ...; the same for every embedding.")
     parser.add_argument("--first_seed", type=int, default=0, help="The first seed.")
-    parser.add_argument("--num_inference_steps", type=dti.positive_int, default=30, help="Denoising steps (DPM-Solver++).")
-    parser.add_argument("--guidance_scale", type=dti.finite_float, default=None, help="Classifier-free guidance (default: the pipeline's, 7.5 SD, 5 SDXL).")
-    parser.add_argument("--resolution", type=dti.positive_int, default=None, help="Image size in pixels (default: the model's).")
-    parser.add_argument("--batch_size", type=dti.positive_int, default=4, help="Images per pipeline call and per encoder batch.")
+    parser.add_argument("--num_inference_steps", type=cli.positive_int, default=30, help="Denoising steps (DPM-Solver++).")
+    parser.add_argument("--guidance_scale", type=cli.finite_float, default=None, help="Classifier-free guidance (default: the pipeline's, 7.5 SD, 5 SDXL).")
+    parser.add_argument("--resolution", type=cli.positive_int, default=None, help="Image size in pixels (default: the model's).")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=4, help="Images per pipeline call and per encoder batch.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Dtype of the pipeline (default: fp16 on a GPU, no on a CPU). The encoders score in float32.")
     for name, model_id in DEFAULT_ENCODERS.items():
         parser.add_argument(f"--{name}_model", default=model_id, help=f"Hub id or folder of the {name} encoder (default {model_id}); none skips its metrics.")
-    parser.add_argument("--grid_size", type=dti.positive_int, default=256, help="Side of each image in the grids, in pixels.")
+    parser.add_argument("--grid_size", type=cli.positive_int, default=256, help="Side of each image in the grids, in pixels.")
     parser.add_argument("--output_dir", default="dti-evaluation", help="Where images, metrics, report and pictures go.")
     parser.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
     return parser.parse_args(argv)
@@ -322,12 +324,12 @@ def load_reference_images(paths):
     images = []
     for path in paths:
         if os.path.isdir(path):
-            if not any(n.lower().endswith(dti.IMAGE_EXTENSIONS) and not n.startswith(".") for n in os.listdir(path)):
-                raise DTIError(f"--reference_images {path} holds no images ({', '.join(dti.IMAGE_EXTENSIONS)}); pass the folder of the concept's photos.")
-            images += [im.image for im in dti.load_training_images(path)]
-        elif os.path.isfile(path) and path.lower().endswith(dti.IMAGE_EXTENSIONS):
+            if not any(n.lower().endswith(cli.IMAGE_EXTENSIONS) and not n.startswith(".") for n in os.listdir(path)):
+                raise DTIError(f"--reference_images {path} holds no images ({', '.join(cli.IMAGE_EXTENSIONS)}); pass the folder of the concept's photos.")
+            images += [im.image for im in cli.load_training_images(path)]
+        elif os.path.isfile(path) and path.lower().endswith(cli.IMAGE_EXTENSIONS):
             with Image.open(path) as image:
-                images.append(dti._to_rgb(image, path))
+                images.append(cli._to_rgb(image, path))
         else:
             raise DTIError(f"--reference_images {path} is neither a folder nor an image file; pass the concept's photos (the training images).")
     return images
@@ -376,11 +378,11 @@ def load_embedding(path):
     checkpoint, steps = CHECKPOINT_DIR.match(os.path.basename(path)), STEPS_FILE.match(os.path.basename(path))
     if checkpoint and os.path.isdir(path):
         return _checkpoint_embedding(path), f"{run}@{checkpoint.group(1)}", (run, int(checkpoint.group(1)))
-    concept = dti.read_concept(path)
+    concept = concepts.read_concept(path)
     if steps:
         second = os.path.join(os.path.dirname(path), f"learned_embeds_2-steps-{steps.group(1)}{steps.group(2)}")
         if os.path.isfile(second) and not concept.sdxl:  # an SDXL snapshot: text_encoder_2's vectors are in the sibling file
-            other = dti.read_concept(second)
+            other = concepts.read_concept(second)
             concept = dti.ConceptEmbedding(concept.token, {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
                                            {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": other.metadata["text_encoder"]}, path, concept.form)
         return concept, f"{run}@{steps.group(1)}", (run, int(steps.group(1)))
@@ -570,7 +572,7 @@ def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
 
     # -- Checks that need no model: everything a typo can break fails here, in seconds --
-    index = dti.check_model(args.model, None, args.revision, args.cache_dir, flag="--model")
+    index = cli.check_model(args.model, None, args.revision, args.cache_dir, flag="--model")
     sdxl = "text_encoder_2" in index
     prompt_sets = load_prompt_sets(args.prompts)
     references = load_reference_images(args.reference_images)
@@ -722,4 +724,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    raise SystemExit(dti.run_cli(main, parse_args))
+    raise SystemExit(cli.run_cli(main, parse_args))

@@ -27,6 +27,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.utils import check_min_version  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import dti_cli as cli  # noqa: E402
 import dti_utils as dti  # noqa: E402
 from dti_utils import RiemannianSGD  # noqa: E402
 
@@ -38,13 +39,13 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=None, default_flip_p=0.5)
+    cli.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=None, default_flip_p=0.5)
     parser.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path, if not the model's own.")
     parser.add_argument("--resize_mode", choices=["crop", "squash"], default="crop",
                         help="crop (default, the reference recipe): shorter side to --resolution, square crops along the longer side "
                              "(--crop_positions), aspect ratio kept. squash: diffusers' example, the whole image resized to a square "
                              "(after a central square crop with --center_crop), which distorts a non-square subject.")
-    return dti.check_args(parser.parse_args(argv))
+    return cli.check_args(parser.parse_args(argv))
 
 
 def main(args, callback=None):
@@ -52,26 +53,26 @@ def main(args, callback=None):
     `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
     timer = dti.StartupTimer(STARTED)
     model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
-    dti.check_model(args.pretrained_model_name_or_path, "sd", args.revision, args.cache_dir)
+    cli.check_model(args.pretrained_model_name_or_path, "sd", args.revision, args.cache_dir)
     with dti.training_session(args, "directional_textual_inversion") as (accelerator, stop):
         # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
         if accelerator.is_main_process:
-            dti.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
+            cli.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source = args.tokenizer_name or args.pretrained_model_name_or_path
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=None if args.tokenizer_name else "tokenizer", revision=args.revision, cache_dir=args.cache_dir)
         tokens, init_ids = dti.resolve_tokens(tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors, args.allow_multi_token_initializer)
-        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
+        images = cli.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
         if args.resolution is None:  # the model's own, from its config files: 512 for SD 1.5, 768 for SD 2.x 768-v
-            args.resolution = dti.model_resolution(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+            args.resolution = cli.model_resolution(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
             logger.info(f"--resolution {args.resolution} (the model's unet sample_size x VAE scale factor)")
-        dti.warn_small_images(images, args.resolution)
+        cli.warn_small_images(images, args.resolution)
         dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
         checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is not None:
             dti.check_resume(checkpoint_path, checkpoint, args, tokens, accelerator.num_processes)
-        hub_repo = dti.start_run(accelerator, args, "directional_textual_inversion")
+        hub_repo = cli.start_run(accelerator, args, "directional_textual_inversion")
         timer.mark("checks")
 
         # -- 1. Load the models, each straight in the dtype it runs in: the text encoder float32 (the learned rows'
@@ -220,10 +221,10 @@ def main(args, callback=None):
                 StableDiffusionPipeline.from_pretrained(**model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer).save_pretrained(
                     args.output_dir, safe_serialization=not args.no_safe_serialization)
             if hub_repo:
-                dti.push_output_to_hub(args, hub_repo, [embedding], validation_images)
+                cli.push_output_to_hub(args, hub_repo, [embedding], validation_images)
             logger.info(f"Done: {len(tokens)} vector(s) of norm {embedding.vectors().norm(dim=-1).mean().item():.6f} in {result.files[0]}")
         return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(dti.run_cli(main, parse_args))
+    raise SystemExit(cli.run_cli(main, parse_args))

@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.utils import check_min_version  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import dti_cli as cli  # noqa: E402
 import dti_utils as dti  # noqa: E402
 from dti_utils import DTIError, RiemannianSGD  # noqa: E402
 
@@ -36,8 +37,8 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dti.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=768, default_flip_p=0.0)
-    return dti.check_args(parser.parse_args(argv))
+    cli.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=768, default_flip_p=0.0)
+    return cli.check_args(parser.parse_args(argv))
 
 
 def encode_prompt(text_encoders, input_ids):
@@ -55,11 +56,11 @@ def main(args, callback=None):
     `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
     timer = dti.StartupTimer(STARTED)
     model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
-    dti.check_model(args.pretrained_model_name_or_path, "sdxl", args.revision, args.cache_dir)
+    cli.check_model(args.pretrained_model_name_or_path, "sdxl", args.revision, args.cache_dir)
     with dti.training_session(args, "directional_textual_inversion_sdxl") as (accelerator, stop):
         # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
         if accelerator.is_main_process:
-            dti.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
+            cli.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         tokenizers = [CLIPTokenizer.from_pretrained(**model, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
@@ -69,13 +70,13 @@ def main(args, callback=None):
         if len(resolved[1][1]) != len(tokens):
             raise DTIError(f"--initializer_token {args.initializer_token!r} gives {len(tokens)} and {len(resolved[1][1])} tokens in the two "
                            f"tokenizers; use a one-token initializer with --num_vectors.")
-        images = dti.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
-        dti.warn_small_images(images, args.resolution)
+        images = cli.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
+        cli.warn_small_images(images, args.resolution)
         dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
         checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is not None:
             dti.check_resume(checkpoint_path, checkpoint, args, tokens, accelerator.num_processes)
-        hub_repo = dti.start_run(accelerator, args, "directional_textual_inversion_sdxl")
+        hub_repo = cli.start_run(accelerator, args, "directional_textual_inversion_sdxl")
         timer.mark("checks")
 
         # -- 1. Load the models, each straight in the dtype it runs in: the text encoders float32 (the learned rows'
@@ -234,11 +235,11 @@ def main(args, callback=None):
                                                           tokenizer=tokenizers[0], tokenizer_2=tokenizers[1]).save_pretrained(
                     args.output_dir, safe_serialization=not args.no_safe_serialization)
             if hub_repo:
-                dti.push_output_to_hub(args, hub_repo, embeddings, validation_images, sdxl=True)
+                cli.push_output_to_hub(args, hub_repo, embeddings, validation_images, sdxl=True)
             for e, path in zip(embeddings, result.files):
                 logger.info(f"Done: {e.name}: {len(tokens)} vector(s) of norm {e.vectors().norm(dim=-1).mean().item():.6f} in {path}")
         return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(dti.run_cli(main, parse_args))
+    raise SystemExit(cli.run_cli(main, parse_args))

@@ -143,11 +143,11 @@ def run_inprocess(argv, callback=None):
 def run_cli_inprocess(argv, module=None):
     """What the real entry point does, `run_cli(main, parse_args)`, in this process: the exit code (argparse's
     own errors exit 2 through SystemExit, as they do from the command line)."""
-    import dti_utils
+    import dti_cli
 
     module = module or train_module()
     try:
-        return dti_utils.run_cli(module.main, module.parse_args, [str(a) for a in argv])
+        return dti_cli.run_cli(module.main, module.parse_args, [str(a) for a in argv])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 

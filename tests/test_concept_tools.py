@@ -25,7 +25,8 @@ from dti_concepts import (  # noqa: E402
     slerp_embeddings,
     strip_label_height,
 )
-from dti_utils import DTIError, DTIWarning, read_concept, save_embedding_file  # noqa: E402
+from dti_concepts import read_concept  # noqa: E402
+from dti_utils import DTIError, DTIWarning, save_embedding_file  # noqa: E402
 from dti_utils import dist as sphere_angle  # noqa: E402
 from dti_utils import projx as retract  # noqa: E402
 

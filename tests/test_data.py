@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+import dti_cli
 import dti_utils
 from conftest import PLACEHOLDER, read_embeds, run_cli_inprocess, run_inprocess, sd_argv
 
@@ -116,7 +117,7 @@ def test_default_resolution_is_read_from_the_configs_alone(tiny_sd2, tmp_path, m
     assert len(weights) >= 3
     for path in weights:
         path.write_bytes(b"not weights")
-    assert dti_utils.model_resolution(str(configs_only)) == 24 * 2  # sample_size x 2 ** (len([8, 16]) - 1)
+    assert dti_cli.model_resolution(str(configs_only)) == 24 * 2  # sample_size x 2 ** (len([8, 16]) - 1)
 
     # A Hub id: only the two config files are fetched (diffusers' load_config downloads with huggingface_hub).
     fetched = []
@@ -126,16 +127,16 @@ def test_default_resolution_is_read_from_the_configs_alone(tiny_sd2, tmp_path, m
         return str(configs_only / subfolder / filename)
 
     monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", fake_download)
-    assert dti_utils.model_resolution("someone/sd2-like", revision="main") == 48
+    assert dti_cli.model_resolution("someone/sd2-like", revision="main") == 48
     assert sorted(fetched) == ["someone/sd2-like/unet/config.json", "someone/sd2-like/vae/config.json"]
     (tmp_path / "no-configs").mkdir()
     with pytest.raises(dti_utils.DTIError, match="pass --resolution"):
-        dti_utils.model_resolution(str(tmp_path / "no-configs"))
+        dti_cli.model_resolution(str(tmp_path / "no-configs"))
     # SD 1.5 and SD 2.x 768-v configs: 64 x 8 and 96 x 8.
     for sample_size, expected in ((64, 512), (96, 768)):
         (configs_only / "unet" / "config.json").write_text(json.dumps({"sample_size": sample_size}))
         (configs_only / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
-        assert dti_utils.model_resolution(str(configs_only)) == expected
+        assert dti_cli.model_resolution(str(configs_only)) == expected
     assert sdxl.parse_args(["--train_data_dir", "x", "--placeholder_token", "<t>", "--initializer_token", "toy"]).resolution == 768
 
 
@@ -283,10 +284,10 @@ def test_caption_column_of_a_dataset(tmp_path):
         Image.new("RGB", (40, 32), (40 * i, 80, 120)).save(folder / f"{i}.jpeg")
     rows = [{"file_name": "0.jpeg", "text": "a {} on a  table"}, {"file_name": "1.jpeg", "text": ""}]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    images = dti_utils.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="text")
+    images = dti_cli.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="text")
     assert [im.caption for im in images] == ["a {} on a table", None]
     with pytest.raises(dti_utils.DTIError, match="--caption_column 'caption'"):
-        dti_utils.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="caption")
+        dti_cli.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="caption")
 
 
 def test_caption_column_needs_a_dataset(tiny_sd, example_images, tmp_path, capsys):

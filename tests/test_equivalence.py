@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageOps
 
+import dti_cli
 import dti_utils
 from dti_utils import DirectionalEmbedding, TrainingData, build_views, diffusion_loss, encode_views, prompt_templates, step_generator, tokenize_prompts
 
@@ -26,7 +27,7 @@ def models(tiny_sd):
 
 @pytest.fixture(scope="module")
 def data(models, example_images):
-    images = [dti_utils.square_view(im.image, 32) for im in dti_utils.load_training_images(example_images)]
+    images = [dti_utils.square_view(im.image, 32) for im in dti_cli.load_training_images(example_images)]
     keys, view_index = build_views(images, lambda image: [None], flip=True)
     means, stds = encode_views(models["vae"], keys, lambda i, crop: images[i], "cpu", batch_size=3)  # chunks that do not divide the views
     prompt_ids = tokenize_prompts([models["tokenizer"]], [t.format("toy") for t in prompt_templates("object")], "cpu")

@@ -19,7 +19,8 @@ from conftest import PLACEHOLDER, error_lines, run_inprocess
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dti_utils
+import dti_cli
+import dti_concepts
 import evaluate_dti
 
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
@@ -218,7 +219,7 @@ def test_end_to_end_layout_json_csv_grid_and_resume(eval_inputs, by_hand):
     assert second.generated == 0 and {p: os.stat(p).st_mtime_ns for p in images} == mtimes
     assert second.result == result
     # Other settings on the same folder are refused rather than mixed with the old images.
-    assert dti_utils.run_cli(evaluate_dti.main, evaluate_dti.parse_args, argv + ["--num_inference_steps", "3"]) == 2
+    assert dti_cli.run_cli(evaluate_dti.main, evaluate_dti.parse_args, argv + ["--num_inference_steps", "3"]) == 2
 
 
 def test_checkpoint_gives_the_vectors_saved_at_its_step(sd_args, tiny_sd, tmp_path):
@@ -254,7 +255,7 @@ def test_bad_input_is_one_error_line_before_any_model_loads(case, expected, tiny
     else:
         (tmp_path / "p.txt").write_text("a photo of a {}\na photo of a dog\n")
         argv[9] = tmp_path / "p.txt"
-    assert dti_utils.run_cli(evaluate_dti.main, evaluate_dti.parse_args, [str(a) for a in argv]) == 2
+    assert dti_cli.run_cli(evaluate_dti.main, evaluate_dti.parse_args, [str(a) for a in argv]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert expected in line
     assert not (tmp_path / "eval").exists()
@@ -345,7 +346,7 @@ def test_rescale_diffusers_output_to_the_vocabulary_mean(sd_args, tiny_sd, tmp_p
     tensors = load_file(tmp_path / "rescaled.safetensors")
     assert list(tensors) == ["<ti>"]
     assert_rescaled(tensors["<ti>"], old, vocab_norms(tiny_sd)["mean"])
-    assert evaluate_dti.describe_method(dti_utils.read_concept(str(tmp_path / "rescaled.safetensors")).metadata["text_encoder"]).startswith("TI rescaled to mean")
+    assert evaluate_dti.describe_method(dti_concepts.read_concept(str(tmp_path / "rescaled.safetensors")).metadata["text_encoder"]).startswith("TI rescaled to mean")
 
 
 def test_rescale_sdxl_single_file_sets_each_encoders_own_norm(tiny_sdxl, tmp_path):

@@ -18,6 +18,7 @@ import yaml
 from conftest import sd_argv
 
 import dti_concepts
+import dti_cli
 import dti_utils
 from dti_utils import ConceptEmbedding, DTIWarning
 
@@ -476,9 +477,9 @@ def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
                            no_safe_serialization=False, initializer_token="toy", max_train_steps=400, kappa=1e-4, validation_prompt=None, hub_token=None)
     embeddings = [SimpleNamespace(name="text_encoder", norm=0.3871, tokens=["<cat-toy>"])]
     FakeHub(monkeypatch, tmp_path)  # neither the base's card nor the repo's can be read: the license comes from the table
-    license = dti_utils.base_model_license(args.pretrained_model_name_or_path)
+    license = dti_cli.base_model_license(args.pretrained_model_name_or_path)
     assert license == {"license": "creativeml-openrail-m"}
-    text = open(dti_utils.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
+    text = open(dti_cli.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
     front, snippets = _front_and_snippets(text)
     assert front == {"license": "creativeml-openrail-m", "library_name": "diffusers", "inference": True,
                      "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -490,7 +491,7 @@ def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
 
     # a repository that already has a card keeps it; the tags it lacks are added once
     FakeHub(monkeypatch, tmp_path, cards={"tester/cat": "---\nlicense: mit\ntags:\n- diffusers\n---\n# My own card\n"})
-    text = open(dti_utils.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
+    text = open(dti_cli.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
     front, _ = _front_and_snippets(text)
     assert front["license"] == "mit" and "# My own card" in text and "load_textual_inversion" not in text
     assert front["tags"] == ["diffusers"] + [t.replace("-xl", "") for t in TAGS_SDXL if t != "diffusers"]

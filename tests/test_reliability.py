@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import dti_concepts
+import dti_cli
 import dti_utils
 from conftest import (PLACEHOLDER, SCRIPT, StepRecorder, error_lines, read_embeds, run_cli_inprocess, run_inprocess, sd_argv, subprocess_env,
                       train_module)
@@ -165,7 +166,7 @@ def test_nan_gradients_never_reach_the_file_and_the_last_good_embedding_is_on_di
             embeddings[0].text_encoder.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),) + tuple(output[1:]))
 
     module = train_module()
-    code = dti_utils.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args("--log_steps", "5", steps=100, out=out)])
+    code = dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args("--log_steps", "5", steps=100, out=out)])
     assert code == 2
     # steps 4-25 are not finite; the windows of --log_steps 5 see 2, 7, 12, 17 then 22 >= 20 in a row
     one_error(capsys, "not finite for 22 steps in a row (at step 25)", f"the last good embedding is saved in {out}")
@@ -248,7 +249,7 @@ def test_a_failed_final_save_is_rescued_to_a_temporary_folder(sd_args, tmp_path,
             out.write_text("in the way")
 
     module = train_module()
-    assert dti_utils.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=2, out=out)]) == 2
+    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=2, out=out)]) == 2
     line = one_error(capsys, f"Could not write the embedding to {out}", "saved to")
     rescue = line.split("saved to ")[1].split(" instead")[0]
     vectors, meta = read_embeds(os.path.join(rescue, "learned_embeds.safetensors"))
@@ -284,7 +285,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(sd_args, tmp_pat
 
     module = train_module()
     argv = [str(a) for a in sd_args("--checkpointing_steps", "2", "--checkpoints_total_limit", "1", steps=6, out=out)]
-    assert dti_utils.run_cli(lambda args: module.main(args, callback), module.parse_args, argv) == 2
+    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, argv) == 2
     one_error(capsys, "Could not write checkpoint-4", "checkpoint-2 is the newest")
     assert torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)["global_step"] == 2
     assert read_embeds(out / "learned_embeds.safetensors")[1]["steps"] == "4"  # the work so far was saved on the way out
@@ -344,7 +345,7 @@ def test_a_second_ctrl_c_still_saves_the_embedding(sd_args, tmp_path, capsys):
 
     module = train_module()
     previous = signal.getsignal(signal.SIGINT)
-    assert dti_utils.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=10, out=out)]) == 130
+    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=10, out=out)]) == 130
     assert signal.getsignal(signal.SIGINT) is previous  # the run's handlers are gone
     err = capsys.readouterr().err
     assert "Received SIGINT" in err and "The embedding so far is saved" in err and "Traceback" not in err
@@ -393,7 +394,7 @@ def test_huge_float_and_tiny_images(sd_args, tmp_path, capsys, caplog, example_i
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(values, "F").save(data / "float.tif")
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(data / "dot.png")
-    images = {os.path.basename(im.name): im.image for im in dti_utils.load_training_images(str(data))}
+    images = {os.path.basename(im.name): im.image for im in dti_cli.load_training_images(str(data))}
     np.testing.assert_allclose(np.asarray(images["float.tif"])[..., 0], np.round(values * 255), atol=0.5)  # scaled, not near-black
     caplog.set_level(logging.WARNING)
     run_inprocess(sd_args(data=data, steps=1, out=tmp_path / "ok"))
@@ -493,7 +494,7 @@ def test_num_train_epochs_alone_trains_whole_epochs(sd_args, tmp_path):
 
 def test_lr_warmup_steps_default_is_zero():
     parser = __import__("argparse").ArgumentParser()
-    dti_utils.add_training_args(parser, "m", 512, 0.5)
+    dti_cli.add_training_args(parser, "m", 512, 0.5)
     assert parser.parse_args(["--placeholder_token", "<x>", "--initializer_token", "toy"]).lr_warmup_steps == 0
 
 
@@ -508,7 +509,7 @@ def test_a_bad_hub_token_fails_before_training(sd_args, tmp_path, capsys, monkey
     recorder = StepRecorder()
     module = train_module()
     argv = [str(a) for a in sd_args("--push_to_hub", "--hub_model_id", "me/dti", out=tmp_path / "out")]
-    assert dti_utils.run_cli(lambda args: module.main(args, recorder), module.parse_args, argv) == 2
+    assert dti_cli.run_cli(lambda args: module.main(args, recorder), module.parse_args, argv) == 2
     one_error(capsys, "me/dti", "401", "hf auth login")
     assert recorder.steps == [] and not glob.glob(str(tmp_path / "out" / "learned_embeds*"))
 
@@ -523,7 +524,7 @@ def test_trackers_are_closed_when_a_run_fails(sd_args, tmp_path, capsys):
 
     module = train_module()
     argv = [str(a) for a in sd_args("--report_to", "tensorboard", "--log_steps", "1", steps=4, out=out)]
-    assert dti_utils.run_cli(lambda args: module.main(args, callback), module.parse_args, argv) == 2
+    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, argv) == 2
     one_error(capsys, "stop here")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

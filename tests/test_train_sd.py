@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dti_cli
 import dti_utils
 from conftest import (
     PLACEHOLDER,
@@ -456,7 +457,7 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
     palette = Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
     _save(tmp_path, "c_palette.png", palette)
     _save(tmp_path, "d_grey_alpha.png", Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA"))
-    images = dti_utils.load_training_images(str(tmp_path))
+    images = dti_cli.load_training_images(str(tmp_path))
     assert [im.image.mode for im in images] == ["RGB"] * 4
     a, b, c, d = (np.asarray(im.image) for im in images)
     assert (a[:, :4] == 255).all()  # transparency composited on white
@@ -469,7 +470,7 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
 def test_load_training_images_16_bit_greyscale_is_scaled(tmp_path):
     values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
     _save(tmp_path, "g16.png", Image.fromarray(values))
-    image = np.asarray(dti_utils.load_training_images(str(tmp_path))[0].image).astype(np.float64)
+    image = np.asarray(dti_cli.load_training_images(str(tmp_path))[0].image).astype(np.float64)
     np.testing.assert_allclose(image[..., 0], values / 257.0, atol=1.0)
 
 
@@ -481,7 +482,7 @@ def test_load_training_images_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
     _save(tmp_path, "rotated.png", Image.fromarray(pixels), exif=exif)
-    image = dti_utils.load_training_images(str(tmp_path))[0].image
+    image = dti_cli.load_training_images(str(tmp_path))[0].image
     assert image.size == (20, 40)  # width, height swapped
     np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
 
