@@ -104,3 +104,37 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
     assert (state["flags"]["num_processes"], state["flags"]["train_batch_size"], state["flags"]["gradient_accumulation_steps"]) == (2, 1, 1)
     assert torch.equal(state["params"][0], ranks[0]["params"][0])
 
+
+
+@pytest.mark.subprocess
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_says_so_once(tiny_sd, example_images, tmp_path):
+    """torchrun forwards SIGTERM to every rank: they stop together (accelerate's trigger, at the next loss read-back),
+    the main process saves, and each message is printed once, not once per process."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = sd_argv(tiny_sd, example_images, out, "--checkpointing_steps", "3", "--log_steps", "2", steps=100000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), SCRIPT, *argv]
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-3").is_dir():
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    assert stderr.count("Received SIGTERM") == 1, stderr[-3000:]
+    assert stderr.count("Stopped at step") == 1
+    stopped = int(stderr.split("Stopped at step ")[1].split(":")[0])
+    assert stopped % 2 == 0  # both ranks stopped where they meet, at a read-back of --log_steps 2
+    state = torch.load(out / f"checkpoint-{stopped}" / "training_state.pt", weights_only=True)
+    assert state["global_step"] == stopped
+    assert read_embeds(out / "learned_embeds.safetensors")[1]["steps"] == str(stopped)
