@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dti_utils import DTIError, _atomic_write, embedding_slug, logger, resolve_token_scale
 
 __all__ = [
-    "run_cli", "start_run", "check_model", "model_resolution", "prepare_output_dir", "TrainingImage", "load_training_images",
+    "run_cli", "start_run", "check_model", "model_resolution", "prepare_output_dir", "TrainingImage", "to_rgb", "load_training_images",
     "warn_small_images", "add_training_args", "check_args",
     "finite_float", "positive_int", "probability", "non_negative", "LR_SCHEDULERS", "REPORT_TO",
     "create_hub_repo", "base_model_license", "loading_snippet", "write_model_card", "push_output_to_hub",
@@ -159,7 +159,7 @@ class TrainingImage:
         self.name, self.image, self.caption = name, image, caption or None
 
 
-def _to_rgb(image, name):
+def to_rgb(image, name):
     """EXIF orientation applied; 16-bit, float, palette, RGBA and greyscale images to 8-bit RGB (transparency on white)."""
     try:
         image.load()
@@ -197,7 +197,7 @@ def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_
         for i, (item, caption) in enumerate(zip(ds[image_column], captions)):
             if not isinstance(item, Image.Image):
                 raise DTIError(f"Row {i} of column {image_column!r} in {dataset_name!r} is not an image; pass the image column with --image_column.")
-            images.append(TrainingImage(f"row {i} of {dataset_name}", _to_rgb(item, f"row {i} of {dataset_name}"), " ".join(str(caption or "").split())))
+            images.append(TrainingImage(f"row {i} of {dataset_name}", to_rgb(item, f"row {i} of {dataset_name}"), " ".join(str(caption or "").split())))
         if not images:
             raise DTIError(f"--dataset_name {dataset_name!r} has no images in its train split.")
         return images
@@ -220,7 +220,7 @@ def load_training_images(train_data_dir=None, dataset_name=None, dataset_config_
             with Image.open(path) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise DTIError(f"Image {path} is {image.width}x{image.height} pixels, too large to decode safely; resize it below 16384x16384.")
-                images.append(TrainingImage(path, _to_rgb(image, path)))
+                images.append(TrainingImage(path, to_rgb(image, path)))
         except Image.DecompressionBombError:
             raise DTIError(f"Image {path} is too large to decode safely (Pillow's decompression-bomb limit); resize it below 16384x16384.")
         except (UnidentifiedImageError, OSError) as e:

@@ -28,7 +28,7 @@ from dti_utils import (
     write_concept, write_diffusers, write_single_file,
 )
 
-__all__ = ["read_embedding_file", "read_concept", "check_slerp_pair", "slerp_concepts", "slerp_embeddings", "interpolation_strip",
+__all__ = ["read_embedding_file", "read_concept", "check_slerp_pair", "slerp_concepts", "slerp_embeddings", "label_font", "interpolation_strip",
            "render_interpolation", "inspect_embedding",
            "format_inspection", "convert_embedding", "base_vocabulary", "rescale_target", "rescale_concept", "rescale_embedding",
            "plot_training_curves", "main"]
@@ -301,6 +301,16 @@ def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, 
     return {"outputs": outputs, "alphas": alphas, "strip": strip}
 
 
+def label_font(size):
+    """Pillow's default font at `size` pixels (a fixed bitmap font before Pillow 10.1)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def strip_label_height(image_height):
     """Height in pixels of the label band under each image of an interpolation strip."""
     return max(16, image_height // 12)
@@ -308,7 +318,7 @@ def strip_label_height(image_height):
 
 def interpolation_strip(images, labels):
     """Images side by side (all resized to the first one's size), each label centred in a white band below."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     if not images:
         raise DTIError("No images to put in the strip.")
@@ -320,17 +330,11 @@ def interpolation_strip(images, labels):
     strip.paste(make_image_grid([im.convert("RGB").resize((w, h)) for im in images], rows=1, cols=len(images)), (0, 0))
     draw = ImageDraw.Draw(strip)
 
-    def font_of(size):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: one bitmap size
-            return ImageFont.load_default()
-
     for i, label in enumerate(labels):
         # The largest font (up to 60% of the band) whose text fits the image width; tiny images get the bare number.
         for text in (label, label.split()[-1]):
             for size in range(max(8, int(band * 0.6)), 5, -1):
-                font = font_of(size)
+                font = label_font(size)
                 left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
                 if right - left <= w - 2:
                     break

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import dti_cli as cli
@@ -329,7 +329,7 @@ def load_reference_images(paths):
             images += [im.image for im in cli.load_training_images(path)]
         elif os.path.isfile(path) and path.lower().endswith(cli.IMAGE_EXTENSIONS):
             with Image.open(path) as image:
-                images.append(cli._to_rgb(image, path))
+                images.append(cli.to_rgb(image, path))
         else:
             raise DTIError(f"--reference_images {path} is neither a folder nor an image file; pass the concept's photos (the training images).")
     return images
@@ -426,13 +426,6 @@ def _slug(text):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
 def label_band(size):
     """Height of the band of column labels above a grid of images of this side."""
     return max(16, size // 10)
@@ -444,7 +437,7 @@ def labelled_grid(rows, row_labels, column_labels, size):
     from diffusers.utils import make_image_grid
 
     band = label_band(size)
-    font = _font(max(8, int(band * 0.6)))
+    font = concepts.label_font(max(8, int(band * 0.6)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = max(measure.textbbox((0, 0), label, font=font)[2] for label in row_labels) + 8
     grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]), resize=size)
