@@ -46,7 +46,7 @@ __all__ = [
     "CHECKPOINT_FILE", "list_checkpoints", "find_checkpoint", "check_resume", "training_state", "restore_training_state",
     "save_checkpoint",  # checkpoints
     "training_session", "StopSignals", "LossWindow", "StartupTimer", "guard_nonfinite_step", "average_gradients", "freeze_models",
-    "vae_dtype", "resolve_max_train_steps", "scaled_learning_rate", "set_schedule_position",  # loop mechanics
+    "vae_dtype", "resolve_max_train_steps", "scaled_learning_rate", "set_schedule_position", "quiet_library_notices",  # loop mechanics
     "HostSyncRecorder", "GraphedUNet", "unet_for_training",  # CUDA graphs
     "log_validation", "decode_latents", "log_nearest_tokens",  # validation
 ]
@@ -590,7 +590,7 @@ def diffusion_loss(unet, noise_scheduler, batch, encoder_hidden_states, generato
 
 
 # ----------------------------------------------------------------------------------------------------
-# Embedding files: one reader and one writer for every form (trainer and concept tools alike)
+# Embedding files: the one writer of every form (trainer and concept tools alike; dti_concepts reads them)
 # ----------------------------------------------------------------------------------------------------
 
 ENCODERS = ("text_encoder", "text_encoder_2")  # diffusers' attribute names
@@ -939,10 +939,14 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _quiet_library_notices():
+def _no_torchvision_notice(record):
+    return "requires torchvision" not in record.getMessage()
+
+
+def quiet_library_notices():
     """Silence notices that are noise for this program: transformers announcing, at every start, that its image
-    processors fall back to PIL where torchvision is missing (the scripts use none)."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+    processors fall back to PIL where torchvision is missing (the scripts use none). One filter however often called."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_no_torchvision_notice)
 
 
 @contextlib.contextmanager
@@ -955,7 +959,7 @@ def training_session(args, project_name):
     from accelerate.utils import ProjectConfiguration
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    _quiet_library_notices()
+    quiet_library_notices()
     # Under torchrun/accelerate launch on a machine without a GPU, accelerate forms a gloo group only with cpu=True.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()

@@ -561,7 +561,7 @@ def write_report(result, path, pictures):
 def main(args):
     """Generate what is missing, score everything, write the outputs. Returns a namespace with `generated` (images made
     by this call), `result` (the metrics.json content), `files` and `exit_code`."""
-    dti._quiet_library_notices()
+    dti.quiet_library_notices()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
 
     # -- Checks that need no model: everything a typo can break fails here, in seconds --
