@@ -10,11 +10,13 @@
     bash benchmarks/gpu_checks.sh OUT               # full-size random SD1.5 and SDXL, on a GPU (about 3 minutes)
     python benchmarks/gpu_checks.py --tiny --out OUT  # tiny pipelines on the CPU (CI): everything but the capture
 
-Prints one PASS/FAIL line per check; the exit code is the number of failures.
+Prints one PASS/FAIL line per check and writes OUT/checks.json (each check's value and limit); the exit code is the
+number of failures.
 """
 
 import argparse
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -32,15 +34,28 @@ from benchmark_training import build_pipeline, make_images  # noqa: E402
 
 SCRIPTS = {"sd15": "train_directional_textual_inversion.py", "sdxl": "train_directional_textual_inversion_sdxl.py"}
 CAPTURED = "Captured the UNet's training forward and backward as CUDA graphs"
+STEP_RAD = 0.04  # the default effective learning rate: each step turns the vectors by 0.04 rad
+
+
+def resume_limit_degrees(precision):
+    """How far a resumed run may end from the uninterrupted one. float32: exact up to float rounding. fp16/bf16: a
+    tenth of one step's turn. Half-precision CPU kernels are not bitwise reproducible from one process to the next on
+    every CPU (0.028 degrees after 4 tiny steps on one AMD EPYC, 0.0000 on another and on an H100), while a resume that
+    lost state (the optimizer's, the schedule's, the data position) ends a whole step or more away."""
+    return 1e-4 if precision == "no" else 0.1 * float(np.degrees(STEP_RAD))
 
 
 class Checks:
-    def __init__(self):
-        self.failures = 0
+    """Prints one PASS/FAIL line per check and keeps every check, with its measured value and limit where it has
+    them, for checks.json: whoever reads the results compares numbers, never printed text."""
 
-    def __call__(self, ok, text):
+    def __init__(self):
+        self.failures, self.results = 0, []
+
+    def __call__(self, ok, text, name=None, value=None, limit=None):
         print(f"{'PASS' if ok else 'FAIL'} {text}", flush=True)
         self.failures += not ok
+        self.results.append({"name": name or text, "ok": bool(ok), "value": value, "limit": limit, "text": text})
         return ok
 
 
@@ -114,7 +129,9 @@ def main(argv=None):
             resumed = check_run(checks, "sd15 fp16, resumed", proc, seconds, model, pipeline, half, cuda, validations=2)
             if uninterrupted and resumed:
                 degrees = float(torch.rad2deg(torch.arccos(torch.nn.functional.cosine_similarity(uninterrupted[0], resumed[0]).clamp(-1, 1))).max())
-                checks(degrees < 0.05, f"sd15 fp16: the resumed run ends {degrees:.4f} degrees from the uninterrupted one (limit 0.05)")
+                limit = resume_limit_degrees("fp16")
+                checks(degrees <= limit, f"sd15 fp16: the resumed run ends {degrees:.4f} degrees from the uninterrupted one (limit {limit:.3f})",
+                       name="sd15 fp16 resume", value=degrees, limit=limit)
         else:
             steps = 2 if args.tiny else 10
             for precision in ("bf16", "fp16"):
@@ -123,6 +140,8 @@ def main(argv=None):
                                       "--max_train_steps", steps, "--validation_prompt", "a photo of <dti>", "--validation_steps", 100000)
                 check_run(checks, f"sdxl {precision}", proc, seconds, model, pipeline, out, cuda, validations=1)
     print(f"{checks.failures} check(s) failed" if checks.failures else "all checks passed")
+    with open(os.path.join(args.out, "checks.json"), "w") as f:
+        json.dump({"tiny": args.tiny, "cuda": cuda, "failures": checks.failures, "checks": checks.results}, f, indent=2)
     return checks.failures
 
 

@@ -140,7 +140,12 @@ def test_gpu_checks_run_in_tiny_mode_and_pass(tmp_path):
     lines = proc.stdout.splitlines()
     assert "all checks passed" in lines and not [line for line in lines if line.startswith("FAIL")]
     passed = [line for line in lines if line.startswith("PASS")]
-    assert "PASS sd15 fp16: the resumed run ends 0.0000 degrees from the uninterrupted one (limit 0.05)" in passed
+    results = json.loads((tmp_path / "out" / "checks.json").read_text())
+    assert results["failures"] == 0 and len(results["checks"]) == len(passed)
+    (resume,) = [c for c in results["checks"] if c["name"] == "sd15 fp16 resume"]
+    # fp16 on a CPU: not bitwise reproducible across processes on every CPU, so a bound of a tenth of a step's turn
+    # (0.04 rad); a resume that lost state ends a whole step (2.3 degrees) or more away.
+    assert resume["ok"] and resume["limit"] == pytest.approx(0.2292, abs=1e-4) and 0 <= resume["value"] <= resume["limit"]
     assert len([line for line in passed if "validation images, none black or flat" in line]) == 5
     assert not [line for line in passed if "captured" in line]  # no CUDA here: the capture checks are GPU-only
     assert (tmp_path / "out" / "checks.txt").read_text().splitlines() == lines

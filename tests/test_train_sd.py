@@ -369,6 +369,23 @@ def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_p
     np.testing.assert_allclose(eb.numpy(), ea.numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_in_half_precision_ends_within_a_tenth_of_a_step(sd_args, tmp_path, precision):
+    """fp16/bf16 resume: the state is restored exactly (loss scale included), but half-precision CPU kernels are not
+    bitwise reproducible from one process to the next on every CPU, so the bound is a tenth of one step's turn
+    (0.04 rad); a resume that lost any state ends a whole step or more away."""
+    flags = ("--mixed_precision", precision, "--train_batch_size", "2", "--checkpointing_steps", "2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_inprocess(sd_args(*flags, steps=4, out=a))
+    run_inprocess(sd_args(*flags, steps=2, out=b))
+    recorder = StepRecorder()
+    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=4, out=b), recorder)
+    assert recorder.steps == [3, 4]
+    ea, eb = (read_embeds(out / "learned_embeds.safetensors")[0][PLACEHOLDER].double().numpy() for out in (a, b))
+    step_deg = np.degrees(0.01 * 2)  # --learning_rate 0.01 x batch 2
+    assert np.degrees(np_angle(ea, eb)).max() <= 0.1 * step_deg
+
+
 def test_resume_with_other_tokens_is_refused(sd_args, tmp_path, capsys):
     run_inprocess(sd_args("--checkpointing_steps", "2", steps=2))
     code = run_cli_inprocess(sd_args("--num_vectors", "2", "--resume_from_checkpoint", "latest", steps=4))
