@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale, picture.
+r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale.
 
     python dti_concepts.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
     python dti_concepts.py inspect EMB [--model MODEL] [--k 5] [--json]
@@ -7,9 +7,8 @@ r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL):
     python dti_concepts.py rescale EMB --model MODEL --to mean|min|max|FLOAT --output OUT
 
 Inputs are training output folders, diffusers files, AUTOMATIC1111 .pt/.safetensors and the SDXL clip_l/clip_g
-single file, detected automatically (read here; every form is written by dti_utils). The same functions are importable:
-slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, rescale_embedding, render_interpolation,
-plot_training_curves.
+single file, detected automatically (dti_files reads and writes every form). The same functions are importable:
+slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, rescale_embedding, render_interpolation.
 """
 
 import argparse
@@ -22,16 +21,49 @@ import warnings
 import torch
 from PIL import Image
 
+from dti_files import (
+    CONVERT_TARGETS,
+    EMBEDDING_EXTENSIONS,
+    ENCODERS,
+    SINGLE_FILE_KEYS,
+    ConceptEmbedding,
+    atomic_write,
+    base_vocabulary,
+    embedding_slug,
+    read_concept,
+    stated_norm,
+    write_concept,
+    write_diffusers,
+    write_single_file,
+)
+from dti_metrics import label_font
 from dti_utils import (
-    CONVERT_TARGETS, ENCODERS, EMBEDDING_EXTENSIONS, SINGLE_FILE_KEYS, ConceptEmbedding, DTIError, DTIWarning, __version__, _atomic_write, _norm_or_none,
-    dist, embedding_slug, initializer_ids, nearest_vocabulary_tokens, placeholder_token_list, slerp, vocabulary_norm_stats,
-    write_concept, write_diffusers, write_single_file,
+    DTIError,
+    DTIWarning,
+    __version__,
+    dist,
+    initializer_ids,
+    nearest_vocabulary_tokens,
+    placeholder_token_list,
+    slerp,
+    vocabulary_norm_stats,
 )
 
-__all__ = ["read_embedding_file", "read_concept", "check_slerp_pair", "slerp_concepts", "slerp_embeddings", "label_font", "interpolation_strip",
-           "render_interpolation", "inspect_embedding",
-           "format_inspection", "convert_embedding", "base_vocabulary", "rescale_target", "rescale_concept", "rescale_embedding",
-           "plot_training_curves", "main"]
+
+__all__ = [
+    "check_slerp_pair",
+    "slerp_concepts",
+    "slerp_embeddings",
+    "interpolation_strip",
+    "render_interpolation",
+    "inspect_embedding",
+    "format_inspection",
+    "convert_embedding",
+    "rescale_target",
+    "rescale_concept",
+    "rescale_embedding",
+    "main",
+]
 
 
 def _check_token(token, flag="--token"):
@@ -41,12 +73,17 @@ def _check_token(token, flag="--token"):
 
 
 def _check_file_name(output):
-    """Warn when OUTPUT is a file whose stem, the prompt word in AUTOMATIC1111 and kohya, has no '-', '_' or '.': it may
-    be an ordinary word, which those tools would then replace by the embedding in every prompt (the embedding_slug rule)."""
+    """Warn when OUTPUT is a file whose stem, the prompt word in AUTOMATIC1111 and kohya, has no '-', '_' or '.': it
+    may be an ordinary word, which those tools would then replace by the embedding in every prompt (the embedding_slug
+    rule)."""
     stem, ext = os.path.splitext(os.path.basename(output))
     if ext.lower() in EMBEDDING_EXTENSIONS and embedding_slug(stem, file_stem=True) != stem:
-        warnings.warn(f"--output {output}: AUTOMATIC1111 and kohya make the file name {stem!r} the prompt word, and a name without '-', '_' or '.' "
-                      f"may be an ordinary word they would replace in every prompt; {embedding_slug(stem, file_stem=True)}{ext} avoids that.", DTIWarning)
+        warnings.warn(
+            f"--output {output}: AUTOMATIC1111 and kohya make the file name {stem!r} the prompt word, and a name "
+            "without '-', '_' or '.' may be an ordinary word they would replace in every prompt; "
+            f"{embedding_slug(stem, file_stem=True)}{ext} avoids that.",
+            DTIWarning,
+        )
 
 
 def convert_embedding(path, to, output, overwrite=False):
@@ -63,124 +100,22 @@ def _check_output(output, overwrite):
     """--output is a file of an embedding type or a folder, and holds no embedding files unless overwrite."""
     extension = os.path.splitext(output.rstrip("/"))[1]
     if extension and extension.lower() not in EMBEDDING_EXTENSIONS and not os.path.isdir(output):
-        raise DTIError(f"--output {output}: {extension} is no embedding file type; use .safetensors or .pt (or a folder name without an extension).")
-    existing = [output] if os.path.isfile(output) else [os.path.join(output, n) for n in sorted(os.listdir(output))
-                                                         if n.lower().endswith(EMBEDDING_EXTENSIONS)] if os.path.isdir(output) else []
+        raise DTIError(
+            f"--output {output}: {extension} is no embedding file type; use .safetensors or .pt (or a folder name "
+            "without an extension)."
+        )
+    existing = (
+        [output]
+        if os.path.isfile(output)
+        else [os.path.join(output, n) for n in sorted(os.listdir(output)) if n.lower().endswith(EMBEDDING_EXTENSIONS)]
+        if os.path.isdir(output)
+        else []
+    )
     if existing and not overwrite:
-        raise DTIError(f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass --overwrite to replace it, "
-                       f"or choose another --output.")
-
-
-# -- reading every form ------------------------------------------------------------------------------
-
-
-def read_embedding_file(path):
-    """(data dict, metadata dict) of one embedding file; .pt/.bin only through torch.load(weights_only=True)."""
-    if not os.path.isfile(path):
-        raise DTIError(f"Embedding file {path} does not exist; pass a .safetensors, .pt or .bin file or a training output folder.")
-    if not path.lower().endswith(EMBEDDING_EXTENSIONS):
-        raise DTIError(f"{path} is not an embedding file; use a .safetensors, .pt or .bin file or a training output folder.")
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                data, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        else:
-            data, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
-    except Exception as e:
-        if isinstance(e, __import__("pickle").UnpicklingError):
-            raise DTIError(f"{path} is not a plain tensor file; only weights-only .pt/.bin files are read, arbitrary pickles are refused.")
-        raise DTIError(f"{path} cannot be read as an embedding file ({type(e).__name__}); check that the download is complete.")
-    if not isinstance(data, dict) or not data:
-        raise DTIError(f"{path} holds {type(data).__name__}{' (empty)' if isinstance(data, dict) else ''}, not a dict of tensors; "
-                       f"this is not a textual-inversion embedding file.")
-    return data, {str(k): str(v) for k, v in metadata.items()}
-
-def _as_matrix(value, path, key):
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise DTIError(f"{path}: entry {key!r} is not a float tensor ({type(value).__name__}); this is not a textual-inversion embedding file.")
-    value = value.unsqueeze(0) if value.dim() == 1 else value
-    if value.dim() != 2 or value.shape[0] < 1 or value.shape[1] < 1:
-        raise DTIError(f"{path}: entry {key!r} has shape {tuple(value.shape)}; an embedding is (num_vectors, dim).")
-    return value.detach().cpu()
-
-def _concept_from_data(data, metadata, path):
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if "string_to_param" in data:  # AUTOMATIC1111 .pt
-        params = data["string_to_param"]
-        if not isinstance(params, dict) or not params:
-            raise DTIError(f"{path}: 'string_to_param' is not a dict of tensors; the AUTOMATIC1111 file is damaged.")
-        meta = dict(metadata)
-        if isinstance(data.get("metadata"), dict):
-            meta.update({str(k): str(v) for k, v in data["metadata"].items()})
-        name = data.get("name")
-        token = name if isinstance(name, str) and name.strip() else meta.get("placeholder_token", stem)
-        if data.get("step") is not None and "steps" not in meta:
-            meta["steps"] = str(data["step"])
-        value = params["*"] if "*" in params else next(iter(params.values()))
-        return ConceptEmbedding(token, {"text_encoder": _as_matrix(value, path, "string_to_param")}, {"text_encoder": meta}, path, "a1111")
-    if "emb_params" in data:  # AUTOMATIC1111 / kohya .safetensors
-        token = metadata.get("placeholder_token") or metadata.get("name") or stem
-        return ConceptEmbedding(token, {"text_encoder": _as_matrix(data["emb_params"], path, "emb_params")}, {"text_encoder": metadata}, path, "a1111")
-    if "clip_l" in data or "clip_g" in data:  # SDXL single file
-        missing = [k for k in ("clip_l", "clip_g") if k not in data]
-        if missing:
-            raise DTIError(f"{path} has {'clip_l' if 'clip_l' in data else 'clip_g'} but no {missing[0]}; an SDXL embedding file holds both.")
-        try:
-            norms = json.loads(metadata["norm"]) if metadata.get("norm", "").startswith("{") else {}
-        except ValueError:
-            norms = {}
-        vectors, metas = {}, {}
-        for name, key in SINGLE_FILE_KEYS.items():
-            vectors[name] = _as_matrix(data[key], path, key)
-            metas[name] = {**metadata, "text_encoder": name}
-            if isinstance(norms, dict) and key in norms:
-                metas[name]["norm"] = repr(float(norms[key])) if norms[key] is not None else "free"
-        if vectors["text_encoder"].shape[0] != vectors["text_encoder_2"].shape[0]:
-            raise DTIError(f"{path} holds {vectors['text_encoder'].shape[0]} clip_l vectors but {vectors['text_encoder_2'].shape[0]} clip_g vectors; the file is damaged.")
-        return ConceptEmbedding(metadata.get("placeholder_token") or stem, vectors, metas, path, "sdxl-single-file")
-    if len(data) == 1:  # diffusers {token: tensor}
-        token, value = next(iter(data.items()))
-        meta = {"text_encoder": "text_encoder", **metadata}
-        return ConceptEmbedding(str(token), {"text_encoder": _as_matrix(value, path, token)}, {"text_encoder": meta}, path, "diffusers")
-    raise DTIError(f"{path} has keys {sorted(map(str, data))[:6]}, which is no embedding form this tool knows; expected {{token: tensor}}, "
-                   f"'string_to_param', 'emb_params' or 'clip_l'/'clip_g'.")
-
-def _find_file(folder, stem):
-    return next((os.path.join(folder, stem + ext) for ext in EMBEDDING_EXTENSIONS if os.path.isfile(os.path.join(folder, stem + ext))), None)
-
-def read_concept(path):
-    """Read an embedding file or a training output folder (SD or SDXL) in any supported form."""
-    if not os.path.isdir(path):
-        return _concept_from_data(*read_embedding_file(path), path)
-    first, second = _find_file(path, "learned_embeds"), _find_file(path, "learned_embeds_2")
-    if first:
-        concept = _concept_from_data(*read_embedding_file(first), first)
-        if concept.sdxl:
-            return concept
-        if second:
-            other = _concept_from_data(*read_embedding_file(second), second)
-            if other.sdxl:
-                raise DTIError(f"{second} holds both encoders' vectors; a learned_embeds_2 file holds text_encoder_2's only.")
-            if other.num_vectors != concept.num_vectors:
-                raise DTIError(f"{first} has {concept.num_vectors} vector(s) but {second} has {other.num_vectors}; the folder mixes two trainings.")
-            if other.token != concept.token:
-                warnings.warn(f"{first} names the token {concept.token!r} but {second} names {other.token!r}; using {concept.token!r}.", DTIWarning)
-            metadata = {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": {**other.metadata["text_encoder"], "text_encoder": "text_encoder_2"}}
-            return ConceptEmbedding(concept.token, {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
-                                    metadata, path, "diffusers-folder")
-        concept.source, concept.form = path, "diffusers-folder"
-        return concept
-    if second:
-        raise DTIError(f"{path} has learned_embeds_2 but no learned_embeds file; an SDXL output needs both.")
-    candidates = sorted(n for n in os.listdir(path) if n.lower().endswith(EMBEDDING_EXTENSIONS) and not n.startswith(".")
-                        and "-steps-" not in n and os.path.isfile(os.path.join(path, n)))
-    if len(candidates) == 1:
-        return _concept_from_data(*read_embedding_file(os.path.join(path, candidates[0])), os.path.join(path, candidates[0]))
-    if not candidates:
-        raise DTIError(f"{path} holds no learned_embeds.safetensors (or any embedding file); pass a training output folder or an embedding file.")
-    raise DTIError(f"{path} holds several embedding files ({', '.join(candidates[:5])}) and no learned_embeds.safetensors; pass one file.")
+        raise DTIError(
+            f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass "
+            "--overwrite to replace it, or choose another --output."
+        )
 
 
 # -- slerp --------------------------------------------------------------------------------------------
@@ -197,24 +132,38 @@ def check_slerp_pair(a, b):
     for name in a.vectors:
         va, vb = a.vectors[name], b.vectors[name]
         if va.shape[0] != vb.shape[0]:
-            raise DTIError(f"{a.source} has {va.shape[0]} vector(s) but {b.source} has {vb.shape[0]} vector(s)"
-                           f"{' (' + name + ')' if a.sdxl else ''}; slerp needs the same number of vectors in both.")
+            raise DTIError(
+                f"{a.source} has {va.shape[0]} vector(s) but {b.source} has {vb.shape[0]} vector(s)"
+                f"{' (' + name + ')' if a.sdxl else ''}; slerp needs the same number of vectors in both."
+            )
         if va.shape[1] != vb.shape[1]:
-            raise DTIError(f"{a.source} has {va.shape[1]}-dim vectors but {b.source} has {vb.shape[1]}-dim ones ({name}); "
-                           f"they were trained for different text encoders and cannot be blended.")
+            raise DTIError(
+                f"{a.source} has {va.shape[1]}-dim vectors but {b.source} has {vb.shape[1]}-dim ones ({name}); "
+                f"they were trained for different text encoders and cannot be blended."
+            )
         for src, v in ((a.source, va), (b.source, vb)):
             if not torch.isfinite(v).all() or (_row_norms(v) == 0).any():
-                raise DTIError(f"{src} holds a zero or non-finite vector ({name}); it has no direction to interpolate.")
+                raise DTIError(
+                    f"{src} holds a zero or non-finite vector ({name}); it has no direction to interpolate."
+                )
         if (dist(va.double(), vb.double()) > math.pi - 1e-4).any():
-            raise DTIError(f"{a.source} and {b.source} have a pair of opposite vectors ({name}); no unique path joins them on the sphere.")
+            raise DTIError(
+                f"{a.source} and {b.source} have a pair of opposite vectors ({name}); no unique path joins them on "
+                "the sphere."
+            )
         na, nb = _row_norms(va), _row_norms(vb)
         if not torch.allclose(na, nb, rtol=1e-5, atol=0):
             warnings.warn(
-                f"{a.source} and {b.source} have different norms ({name}: {_fmt_norms(na)} vs {_fmt_norms(nb)}), as a classic "
-                f"textual-inversion file does: the direction is slerped and the norm interpolated linearly.", DTIWarning)
+                f"{a.source} and {b.source} have different norms ({name}: {_fmt_norms(na)} vs {_fmt_norms(nb)}), as a "
+                "classic textual-inversion file does: the direction is slerped and the norm interpolated linearly.",
+                DTIWarning,
+            )
     bases = [c.metadata.get("text_encoder", {}).get("base_model") for c in (a, b)]
     if all(bases) and bases[0] != bases[1]:
-        warnings.warn(f"{a.source} was trained on {bases[0]} and {b.source} on {bases[1]}; the blend may not mean much.", DTIWarning)
+        warnings.warn(
+            f"{a.source} was trained on {bases[0]} and {b.source} on {bases[1]}; the blend may not mean much.",
+            DTIWarning,
+        )
 
 
 def _fmt_norms(norms):
@@ -250,7 +199,7 @@ def slerp_concepts(a, b, alpha, token):
             "norm": repr(float(norms.mean())) if uniform else json.dumps([float(n) for n in norms]),
         }
         stated = a.metadata[name].get("norm")
-        if uniform and stated == b.metadata[name].get("norm") and _norm_or_none(stated):
+        if uniform and stated == b.metadata[name].get("norm") and stated_norm(stated):
             if abs(float(norms.mean()) - float(stated)) <= 1e-6 * float(stated):
                 metadata[name]["norm"] = stated  # both inputs state the same m and the blend has it
         base = a.metadata[name].get("base_model") or b.metadata[name].get("base_model")
@@ -263,17 +212,23 @@ def _alpha_folder(output, alpha):
     return os.path.join(output, f"alpha-{alpha:g}")
 
 
-def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30):
+def slerp_embeddings(
+    a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30
+):
     """Blend two embeddings (files or training folders, SD or SDXL) at each alpha and write training-style folders:
-    OUTPUT itself for one alpha, OUTPUT/alpha-A for several; with render=MODEL, also OUTPUT/interpolation.png. An OUTPUT
-    ending in .safetensors/.pt/.bin is one file instead (one alpha), the form every UI reads (write_single_file); its
-    strip is OUTPUT-interpolation.png. Returns {"outputs": [folder or file per alpha], "alphas": [...], "strip": path or None}."""
+    OUTPUT itself for one alpha, OUTPUT/alpha-A for several; with render=MODEL, also OUTPUT/interpolation.png. An
+    OUTPUT ending in .safetensors/.pt/.bin is one file instead (one alpha), the form every UI reads
+    (write_single_file); its strip is OUTPUT-interpolation.png. Returns {"outputs": [folder or file per alpha],
+    "alphas": [...], "strip": path or None}."""
     to_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
     alphas = list(dict.fromkeys(float(x) for x in alphas))
     if not alphas:
         raise DTIError("--alpha needs at least one value in [0, 1].")
     if to_file and len(alphas) > 1:
-        raise DTIError(f"--output {output} is one file but --alpha gives {len(alphas)} blends; pass a folder (one alpha-A folder per blend).")
+        raise DTIError(
+            f"--output {output} is one file but --alpha gives {len(alphas)} blends; pass a folder (one alpha-A folder "
+            "per blend)."
+        )
     for alpha in alphas:
         if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
             raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
@@ -288,7 +243,10 @@ def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, 
         _check_file_name(output)
     outputs = []
     for alpha in alphas:
-        blend, target = slerp_concepts(a, b, alpha, token), output if len(alphas) == 1 else _alpha_folder(output, alpha)
+        blend, target = (
+            slerp_concepts(a, b, alpha, token),
+            output if len(alphas) == 1 else _alpha_folder(output, alpha),
+        )
         if to_file:
             write_single_file(blend, target)
         else:
@@ -296,19 +254,15 @@ def slerp_embeddings(a_path, b_path, alphas=(0.5,), output="slerp", token=None, 
         outputs.append(target)
     strip = None
     if render is not None:
-        strip_path = os.path.splitext(output)[0] + "-interpolation.png" if to_file else os.path.join(output, "interpolation.png")
-        strip = render_interpolation(render, outputs, alphas, prompt, seed=seed, steps=steps, output_path=strip_path, token=token)
+        strip_path = (
+            os.path.splitext(output)[0] + "-interpolation.png"
+            if to_file
+            else os.path.join(output, "interpolation.png")
+        )
+        strip = render_interpolation(
+            render, outputs, alphas, prompt, seed=seed, steps=steps, output_path=strip_path, token=token
+        )
     return {"outputs": outputs, "alphas": alphas, "strip": strip}
-
-
-def label_font(size):
-    """Pillow's default font at `size` pixels (a fixed bitmap font before Pillow 10.1)."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
 
 
 def strip_label_height(image_height):
@@ -353,29 +307,47 @@ def _load_render_pipeline(model):
     dtype = torch.float16 if device == "cuda" else torch.float32
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    except Exception as e:
-        raise DTIError(f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD or SDXL pipeline folder.")
+    except (OSError, ValueError, TypeError) as e:
+        raise DTIError(
+            f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD or "
+            "SDXL pipeline folder."
+        ) from e
     if not hasattr(pipe, "load_textual_inversion"):
-        raise DTIError(f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an SD or SDXL pipeline.")
+        raise DTIError(
+            f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an SD "
+            "or SDXL pipeline."
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def _load_into_pipeline(pipe, path, token, model):
-    """Load the embedding at path (folder or file, any form) under `token`, each encoder's vectors into its own encoder."""
+    """Load the embedding at path (folder or file, any form) under `token`, each encoder's vectors into its own
+    encoder."""
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     concept = read_concept(path)
     if concept.sdxl != sdxl:
-        raise DTIError(f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for {'SDXL' if concept.sdxl else 'SD'}; "
-                       f"pass the base model they were trained on.")
+        raise DTIError(
+            f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for "
+            f"{'SDXL' if concept.sdxl else 'SD'}; pass the base model they were trained on."
+        )
     try:
         for name, vectors in concept.vectors.items():
-            pipe.load_textual_inversion(vectors, token=token, text_encoder=getattr(pipe, name), tokenizer=getattr(pipe, name.replace("text_encoder", "tokenizer")))
+            pipe.load_textual_inversion(
+                vectors,
+                token=token,
+                text_encoder=getattr(pipe, name),
+                tokenizer=getattr(pipe, name.replace("text_encoder", "tokenizer")),
+            )
     except ValueError as e:
-        raise DTIError(f"The embedding in {path} does not fit --render {model} ({e}); pass the base model it was trained on.")
+        raise DTIError(
+            f"The embedding in {path} does not fit --render {model} ({e}); pass the base model it was trained on."
+        )
 
 
-def render_interpolation(model, paths, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"):
+def render_interpolation(
+    model, paths, alphas, prompt="a photo of {}", seed=0, steps=30, output_path="interpolation.png", token="<mix>"
+):
     """Load the pipeline once, load each blended embedding (folder or file) under its own token, render the prompt with
     the same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
     if "{}" not in prompt:
@@ -391,52 +363,11 @@ def render_interpolation(model, paths, alphas, prompt="a photo of {}", seed=0, s
         generator = torch.Generator("cpu").manual_seed(seed)
         images.append(pipe(prompt.replace("{}", distinct), num_inference_steps=steps, generator=generator).images[0])
     strip = interpolation_strip(images, [f"alpha {alpha:g}" for alpha in alphas])
-    _atomic_write(output_path, lambda tmp: strip.save(tmp, format="PNG"))
+    atomic_write(output_path, lambda tmp: strip.save(tmp, format="PNG"))
     return output_path
 
 
 # -- inspect ------------------------------------------------------------------------------------------
-
-
-def _input_embedding_weight(model, name):
-    """The text encoder's token embedding matrix (V, dim), float32: read straight from the safetensors of a
-    local pipeline folder when possible, else through transformers (local folder or Hub id)."""
-    folder = os.path.join(model, name)
-    if os.path.isdir(folder):
-        from safetensors import safe_open
-
-        for file in sorted(os.listdir(folder)):
-            if file.endswith(".safetensors"):
-                with safe_open(os.path.join(folder, file), framework="pt") as f:
-                    for key in f.keys():
-                        if key.endswith("token_embedding.weight"):
-                            return f.get_tensor(key).float()
-    elif os.path.isdir(model):
-        raise DTIError(f"--model {model} has no {name} folder; pass a diffusers pipeline folder of the base model.")
-    from transformers import CLIPTextModel
-
-    try:
-        encoder = CLIPTextModel.from_pretrained(model, subfolder=name)
-    except Exception as e:
-        raise DTIError(f"--model {model}: its {name} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
-    return encoder.get_input_embeddings().weight.detach().float()
-
-
-def _load_tokenizer(model, name):
-    from transformers import AutoTokenizer
-
-    sub = "tokenizer" if name == "text_encoder" else "tokenizer_2"
-    try:
-        return AutoTokenizer.from_pretrained(model, subfolder=sub)
-    except Exception as e:
-        raise DTIError(f"--model {model}: its {sub} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline folder or Hub id.")
-
-
-def base_vocabulary(model, name):
-    """(token embedding rows of the base vocabulary, float32 (V, dim); tokenizer) of one of the model's text encoders.
-    Rows past the tokenizer's own vocabulary (tokens a full-pipeline save folded in) are left out."""
-    weight, tokenizer = _input_embedding_weight(model, name), _load_tokenizer(model, name)
-    return weight[: min(weight.shape[0], tokenizer.vocab_size)], tokenizer
 
 
 def _model_encoder(concept, name):
@@ -448,8 +379,11 @@ def _model_encoder(concept, name):
 
 def _check_width(path, vecs, model_encoder, model, weight, meta):
     if weight.shape[1] != vecs.shape[1]:
-        raise DTIError(f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has {weight.shape[1]}-dim rows; "
-                       f"pass the base model it was trained on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}.")
+        raise DTIError(
+            f"{path} holds {vecs.shape[1]}-dim vectors for {model_encoder} but --model {model} has "
+            f"{weight.shape[1]}-dim rows; pass the base model it was trained "
+            f"on{' (' + meta['base_model'] + ')' if meta.get('base_model') else ''}."
+        )
 
 
 def inspect_embedding(path, model=None, k=5):
@@ -460,15 +394,34 @@ def inspect_embedding(path, model=None, k=5):
         raise DTIError(f"--k must be at least 1, not {k}.")
     concept = read_concept(path)
     tokens = placeholder_token_list(concept.token, concept.num_vectors)
-    report = {"path": path, "form": concept.form, "token": concept.token, "tokens": tokens,
-              "num_vectors": concept.num_vectors, "sdxl": concept.sdxl, "model": model, "encoders": {}}
+    report = {
+        "path": path,
+        "form": concept.form,
+        "token": concept.token,
+        "tokens": tokens,
+        "num_vectors": concept.num_vectors,
+        "sdxl": concept.sdxl,
+        "model": model,
+        "encoders": {},
+    }
     for name, vecs in concept.vectors.items():
         vecs = vecs.float()
         meta = concept.metadata.get(name, {})
         norms = vecs.norm(dim=-1)
-        entry = {"dim": vecs.shape[1], "file_key": SINGLE_FILE_KEYS[name] if concept.form == "sdxl-single-file" else None,
-                 "metadata": meta, "vectors": [{"index": i, "token": tokens[i], "norm": float(norms[i]), "finite": bool(torch.isfinite(vecs[i]).all())}
-                             for i in range(len(vecs))]}
+        entry = {
+            "dim": vecs.shape[1],
+            "file_key": SINGLE_FILE_KEYS[name] if concept.form == "sdxl-single-file" else None,
+            "metadata": meta,
+            "vectors": [
+                {
+                    "index": i,
+                    "token": tokens[i],
+                    "norm": float(norms[i]),
+                    "finite": bool(torch.isfinite(vecs[i]).all()),
+                }
+                for i in range(len(vecs))
+            ],
+        }
         if model is not None:
             model_encoder = _model_encoder(concept, name)
             weight, tokenizer = base_vocabulary(model, model_encoder)
@@ -495,8 +448,10 @@ def inspect_embedding(path, model=None, k=5):
 
 def format_inspection(report):
     """The human-readable text of an inspect_embedding() report."""
-    lines = [f"{report['token']}: {report['num_vectors']} vector(s), {'SDXL' if report['sdxl'] else 'SD'}, "
-             f"{report['form']} form, from {report['path']}"]
+    lines = [
+        f"{report['token']}: {report['num_vectors']} vector(s), {'SDXL' if report['sdxl'] else 'SD'}, "
+        f"{report['form']} form, from {report['path']}"
+    ]
     for name, entry in report["encoders"].items():
         meta = entry["metadata"]
         head = f"{name}{' (' + entry['file_key'] + ')' if entry.get('file_key') else ''}: dim {entry['dim']}"
@@ -507,7 +462,10 @@ def format_inspection(report):
         lines.append(head)
         vocab = entry.get("vocabulary")
         if vocab:
-            lines.append(f"  vocabulary norms ({vocab['size']} rows): mean {vocab['mean']:.4f}, min {vocab['min']:.4f}, max {vocab['max']:.4f}")
+            lines.append(
+                f"  vocabulary norms ({vocab['size']} rows): mean {vocab['mean']:.4f}, min {vocab['min']:.4f}, max "
+                f"{vocab['max']:.4f}"
+            )
         if entry.get("initializer_note"):
             lines.append(f"  no angle to the initializer: {entry['initializer_note']}")
         for item in entry["vectors"]:
@@ -520,14 +478,19 @@ def format_inspection(report):
                 text += f", {item['angle_to_initializer_deg']:.1f} deg from initializer {entry['initializer_token']!r}"
             lines.append(text)
             if item.get("nearest"):
-                lines.append("      nearest: " + ", ".join(f"{n['token']} ({n['cosine']:.3f})" for n in item["nearest"]))
+                lines.append(
+                    "      nearest: " + ", ".join(f"{n['token']} ({n['cosine']:.3f})" for n in item["nearest"])
+                )
     first = next(iter(report["encoders"].values()))["metadata"]
     shown = {k: v for k, v in first.items() if k not in ("format",)}
     if shown:
         lines.append("metadata: " + "; ".join(f"{k}={v}" for k, v in shown.items()))
     if report["model"] is None:
         base = first.get("base_model")
-        lines.append(f"Pass --model {base or 'BASE_MODEL'} for vocabulary norms, nearest tokens and the angle to the initializer.")
+        lines.append(
+            f"Pass --model {base or 'BASE_MODEL'} for vocabulary norms, nearest tokens and the angle to the "
+            "initializer."
+        )
     return "\n".join(lines)
 
 
@@ -559,11 +522,17 @@ def rescale_concept(concept, model, to="mean"):
         _check_width(concept.source, vecs, model_encoder, model, weight, concept.metadata.get(name, {}))
         norms = _row_norms(vecs)
         if not torch.isfinite(vecs).all() or (norms == 0).any():
-            raise DTIError(f"{concept.source} holds a zero or non-finite vector ({name}); it has no direction to keep.")
+            raise DTIError(
+                f"{concept.source} holds a zero or non-finite vector ({name}); it has no direction to keep."
+            )
         target = rescale_target(to, vocabulary_norm_stats(weight))
         vectors[name] = (vecs.double() / norms.unsqueeze(-1) * target).float()
-        metadata[name] = {**concept.metadata.get(name, {}), "norm": repr(target), "rescaled_to": f"{to} ({model})" if to in ("mean", "min", "max") else str(to),
-                          "original_norms": json.dumps(original)}
+        metadata[name] = {
+            **concept.metadata.get(name, {}),
+            "norm": repr(target),
+            "rescaled_to": f"{to} ({model})" if to in ("mean", "min", "max") else str(to),
+            "original_norms": json.dumps(original),
+        }
         metadata[name].setdefault("base_model", model)
     return ConceptEmbedding(concept.token, vectors, metadata, source=concept.source, form=concept.form)
 
@@ -578,99 +547,108 @@ def rescale_embedding(path, model, to, output, overwrite=False):
     is_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
     if concept.form in ("a1111", "sdxl-single-file") or (is_file and concept.sdxl):
         ext = os.path.splitext(path)[1] if concept.form in ("a1111", "sdxl-single-file") else ".safetensors"
-        return [write_single_file(concept, output if is_file else os.path.join(output, embedding_slug(concept.token) + ext))]
+        return [
+            write_single_file(
+                concept, output if is_file else os.path.join(output, embedding_slug(concept.token) + ext)
+            )
+        ]
     return write_diffusers(concept, output, single_file=concept.form == "diffusers-folder")
-
-
-# -- training curves ----------------------------------------------------------------------------------
-
-
-def plot_training_curves(history, path):
-    """Write a PNG with three panels against the step: loss, norm, angle from the initializer (degrees).
-
-    history: a list of (step, loss, norm, angle_deg). Drawn with matplotlib's Agg canvas (no display and no
-    change to pyplot's global backend). Returns path, or None when history is empty (nothing is written).
-    """
-    rows = [tuple(float(x) if x is not None else float("nan") for x in entry[:4]) for entry in history]
-    if not rows:
-        warnings.warn(f"No training history to plot; {path} was not written.", DTIWarning)
-        return None
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise DTIError("matplotlib is needed to plot training curves; pip install matplotlib.")
-    steps, loss, norm, angle = zip(*rows)
-    fig = Figure(figsize=(12, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    marker = "." if len(rows) <= 60 else None
-    for ax, values, title, ylabel in zip(fig.subplots(1, 3), (loss, norm, angle),
-                                         ("loss", "embedding norm", "angle from initializer"), ("loss", "L2 norm", "degrees")):
-        ax.plot(steps, values, marker=marker, linewidth=1.2)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        finite = [v for v in values if math.isfinite(v)]
-        if ylabel == "L2 norm" and finite and max(finite) - min(finite) < 1e-3 * max(finite):
-            # A fixed DTI norm: show it flat at its value, not float32 round-off magnified to fill the axis.
-            ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
-            ax.ticklabel_format(axis="y", useOffset=False)
-    fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    return path
 
 
 def build_concept_parser():
     parser = argparse.ArgumentParser(
         prog="dti_concepts.py",
-        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale.",
+        description="Tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, "
+        "rescale.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("slerp", help="blend two embeddings on the sphere", description=(
-        "Blend two embeddings (files or training output folders, SD or SDXL): the direction by spherical interpolation, "
-        "the norm linearly (DTI embeddings share the norm m, so blends keep it exactly). Writes training-style folders "
-        "that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, OUTPUT/alpha-A for several; or, for one "
-        "alpha, the single file OUTPUT.safetensors (or .pt/.bin) that AUTOMATIC1111, ComfyUI and kohya read."))
+    p = sub.add_parser(
+        "slerp",
+        help="blend two embeddings on the sphere",
+        description=(
+            "Blend two embeddings (files or training output folders, SD or SDXL): the direction by spherical "
+            "interpolation, the norm linearly (DTI embeddings share the norm m, so blends keep it exactly). Writes "
+            "training-style folders that load with pipe.load_textual_inversion(folder): OUTPUT for one alpha, "
+            "OUTPUT/alpha-A for several; or, for one alpha, the single file OUTPUT.safetensors (or .pt/.bin) that "
+            "AUTOMATIC1111, ComfyUI and kohya read."
+        ),
+    )
     p.add_argument("a", metavar="A", help="First embedding (alpha 0): file or training output folder.")
     p.add_argument("b", metavar="B", help="Second embedding (alpha 1).")
-    p.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="Fractions in [0, 1] (several give one folder each). Default 0.5.")
-    p.add_argument("--token", default=None, help="Token of the blend, e.g. '<mix>'. Default: '<A-B>' from the inputs' tokens.")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="Fractions in [0, 1] (several give one folder each). Default 0.5.",
+    )
+    p.add_argument(
+        "--token", default=None, help="Token of the blend, e.g. '<mix>'. Default: '<A-B>' from the inputs' tokens."
+    )
     p.add_argument("--output", required=True, help="Output folder, or one .safetensors/.pt/.bin file (one alpha).")
-    p.add_argument("--render", metavar="MODEL", default=None, help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png "
-                   "(for a file OUTPUT: OUTPUT-interpolation.png beside it).")
-    p.add_argument("--prompt", default="a photo of {}", help="Prompt for --render; {} is replaced by the token. Default 'a photo of {}'.")
+    p.add_argument(
+        "--render",
+        metavar="MODEL",
+        default=None,
+        help="Also render one image per alpha with this pipeline (folder or Hub id) into OUTPUT/interpolation.png "
+        "(for a file OUTPUT: OUTPUT-interpolation.png beside it).",
+    )
+    p.add_argument(
+        "--prompt",
+        default="a photo of {}",
+        help="Prompt for --render; {} is replaced by the token. Default 'a photo of {}'.",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed for --render, the same for every alpha. Default 0.")
     p.add_argument("--steps", type=int, default=30, help="Inference steps for --render. Default 30.")
 
-    p = sub.add_parser("inspect", help="norms, nearest tokens, angle to the initializer", description=(
-        "Show what an embedding holds: each vector's norm and the file's metadata; with --model also the vocabulary's "
-        "norm statistics, the norm relative to their mean, the k nearest vocabulary tokens and the angle to the initializer."))
+    p = sub.add_parser(
+        "inspect",
+        help="norms, nearest tokens, angle to the initializer",
+        description=(
+            "Show what an embedding holds: each vector's norm and the file's metadata; with --model also the "
+            "vocabulary's norm statistics, the norm relative to their mean, the k nearest vocabulary tokens and the "
+            "angle to the initializer."
+        ),
+    )
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
     p.add_argument("--model", default=None, help="Base model (diffusers folder or Hub id) for vocabulary comparisons.")
     p.add_argument("--k", type=int, default=5, help="Nearest tokens per vector. Default 5.")
     p.add_argument("--json", action="store_true", help="Print machine-readable JSON only.")
 
-    p = sub.add_parser("convert", help="convert between diffusers, AUTOMATIC1111 and ComfyUI forms", description=(
-        "Convert an embedding (form detected automatically) to: diffusers ({token: tensor} file for SD, or a folder with "
-        "learned_embeds[_2].safetensors), a1111 / comfyui (SD: {token: tensor} .safetensors, or string_to_param .pt; "
-        "SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder, where a1111 / comfyui write "
-        "NAME.safetensors: the prompt word in AUTOMATIC1111 (ComfyUI: embedding:NAME), kept distinct from ordinary "
-        "words ('<toy>' gives toy-ti). Tensors are copied bit for bit."))
+    p = sub.add_parser(
+        "convert",
+        help="convert between diffusers, AUTOMATIC1111 and ComfyUI forms",
+        description=(
+            "Convert an embedding (form detected automatically) to: diffusers ({token: tensor} file for SD, or a "
+            "folder with learned_embeds[_2].safetensors), a1111 / comfyui (SD: {token: tensor} .safetensors, or "
+            "string_to_param .pt; SDXL: one clip_l/clip_g file). OUTPUT without a file extension is a folder, where "
+            "a1111 / comfyui write NAME.safetensors: the prompt word in AUTOMATIC1111 (ComfyUI: embedding:NAME), "
+            "kept distinct from ordinary words ('<toy>' gives toy-ti). Tensors are copied bit for bit."
+        ),
+    )
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
     p.add_argument("--output", required=True, help="Output file (.safetensors, .pt or .bin) or folder.")
     p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
 
-    p = sub.add_parser("rescale", help="set every vector to the vocabulary's norm, keeping its direction", description=(
-        "Set the norm of every vector of an embedding (classic TI, AUTOMATIC1111 .pt, SDXL single file, ...) to the norm of the "
-        "model's vocabulary, per text encoder, keeping each direction: the DTI paper's 'rescale' baseline. Writes the input's "
-        "form; the metadata keeps the original norms."))
+    p = sub.add_parser(
+        "rescale",
+        help="set every vector to the vocabulary's norm, keeping its direction",
+        description=(
+            "Set the norm of every vector of an embedding (classic TI, AUTOMATIC1111 .pt, SDXL single file, ...) to "
+            "the norm of the model's vocabulary, per text encoder, keeping each direction: the DTI paper's 'rescale' "
+            "baseline. Writes the input's form; the metadata keeps the original norms."
+        ),
+    )
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
-    p.add_argument("--model", required=True, help="The base model (diffusers folder or Hub id) whose vocabulary gives the norm.")
+    p.add_argument(
+        "--model", required=True, help="The base model (diffusers folder or Hub id) whose vocabulary gives the norm."
+    )
     p.add_argument("--to", default="mean", help="mean (default), min or max of the vocabulary's norms, or a number.")
-    p.add_argument("--output", required=True, help="Output folder, or file (.safetensors, or .pt for an AUTOMATIC1111 .pt input).")
+    p.add_argument(
+        "--output", required=True, help="Output folder, or file (.safetensors, or .pt for an AUTOMATIC1111 .pt input)."
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
     return parser
 
@@ -687,8 +665,17 @@ def main(argv=None):
         warnings.showwarning = _print_warning
         try:
             if args.command == "slerp":
-                result = slerp_embeddings(args.a, args.b, args.alpha, args.output, token=args.token, render=args.render,
-                                          prompt=args.prompt, seed=args.seed, steps=args.steps)
+                result = slerp_embeddings(
+                    args.a,
+                    args.b,
+                    args.alpha,
+                    args.output,
+                    token=args.token,
+                    render=args.render,
+                    prompt=args.prompt,
+                    seed=args.seed,
+                    steps=args.steps,
+                )
                 for alpha, path in zip(result["alphas"], result["outputs"]):
                     print(f"alpha {alpha:g}: {path}")
                 if result["strip"]:

@@ -21,45 +21,60 @@ fidelity, one point per embedding and prompt set). Images are kept under images/
 import argparse
 import csv
 import functools
-import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 import dti_cli as cli
-import dti_concepts as concepts
-import dti_utils as dti
-from dti_utils import DTIError
+import dti_data as data_lib
+import dti_files as files
+import dti_training as training
+from dti_metrics import (
+    DEFAULT_ENCODERS,
+    METRICS,
+    TEXT_METRICS,
+    FidelityScorer,
+    batches,
+    encoder_ids,
+    labelled_grid,
+    summary,
+)
+from dti_utils import DTIError, projx, resolve_token_scale, vocabulary_norm_stats
+
 
 logger = logging.getLogger("dti.evaluate")
 
-DEFAULT_ENCODERS = {"clip": "openai/clip-vit-large-patch14", "siglip": "google/siglip-so400m-patch14-384", "dino": "facebook/dinov2-base"}
-# metric: (encoder, what it compares)
-METRICS = {
-    "text_clip": ("clip", "CLIP image-text cosine similarity to the prompt with the token replaced by the class word"),
-    "text_siglip": ("siglip", "SigLIP image-text cosine similarity to the prompt with the token replaced by the class word"),
-    "subject_dino": ("dino", "DINOv2 (CLS token after the final layer norm) cosine similarity, mean over the reference images"),
-    "subject_clip": ("clip", "CLIP image-image cosine similarity, mean over the reference images"),
-}
-TEXT_METRICS = [m for m in METRICS if m.startswith("text_")]
 PLOT_PAIRS = (("subject_dino", "text_siglip"), ("subject_clip", "text_clip"))  # (x, y) of each fidelity.png panel
 
 PROMPT_SETS = {
     "simple": [
-        "a photo of a {}", "a close-up photo of a {}", "a {} on a table", "a {} on the grass", "a {} in the snow",
-        "a {} on a wooden floor", "a photo of a {} on the beach", "a {} in front of a white wall", "a {} in a kitchen",
-        "a {} on a bed", "a photo of a {} outdoors", "a {} on a sidewalk", "a {} in a forest", "a {} on a blue background",
-        "a {} on a rock", "a {} in the rain", "a {} on a shelf", "a {} in a garden", "a {} on a desk", "a {} at night",
+        "a photo of a {}",
+        "a close-up photo of a {}",
+        "a {} on a table",
+        "a {} on the grass",
+        "a {} in the snow",
+        "a {} on a wooden floor",
+        "a photo of a {} on the beach",
+        "a {} in front of a white wall",
+        "a {} in a kitchen",
+        "a {} on a bed",
+        "a photo of a {} outdoors",
+        "a {} on a sidewalk",
+        "a {} in a forest",
+        "a {} on a blue background",
+        "a {} on a rock",
+        "a {} in the rain",
+        "a {} on a shelf",
+        "a {} in a garden",
+        "a {} on a desk",
+        "a {} at night",
     ],
     "complex": [
         "a {} in a Japanese modern city street at night, neon signs reflecting on the wet asphalt",
@@ -84,205 +99,114 @@ PROMPT_SETS = {
         "a {} in the desert next to a cactus, with a hot air balloon in the sky",
     ],
     "style": [
-        "a painting of a lighthouse in the style of {}", "a portrait of a woman in the style of {}",
-        "a city skyline at night in the style of {}", "a bowl of fruit in the style of {}",
-        "a mountain landscape in the style of {}", "a cat sleeping on a sofa in the style of {}",
-        "a busy train station in the style of {}", "a sailboat on a calm sea in the style of {}",
-        "an old car parked in a street in the style of {}", "a forest with a river in the style of {}",
-        "a castle on a hill in the style of {}", "a dog running on a beach in the style of {}",
-        "a cup of coffee on a table in the style of {}", "a robot in a garden in the style of {}",
-        "a portrait of an old man in the style of {}", "a field of flowers in the style of {}",
-        "a bridge over a river in the style of {}", "a bird on a branch in the style of {}",
-        "a snowy village in the style of {}", "an astronaut on the moon in the style of {}",
+        "a painting of a lighthouse in the style of {}",
+        "a portrait of a woman in the style of {}",
+        "a city skyline at night in the style of {}",
+        "a bowl of fruit in the style of {}",
+        "a mountain landscape in the style of {}",
+        "a cat sleeping on a sofa in the style of {}",
+        "a busy train station in the style of {}",
+        "a sailboat on a calm sea in the style of {}",
+        "an old car parked in a street in the style of {}",
+        "a forest with a river in the style of {}",
+        "a castle on a hill in the style of {}",
+        "a dog running on a beach in the style of {}",
+        "a cup of coffee on a table in the style of {}",
+        "a robot in a garden in the style of {}",
+        "a portrait of an old man in the style of {}",
+        "a field of flowers in the style of {}",
+        "a bridge over a river in the style of {}",
+        "a bird on a branch in the style of {}",
+        "a snowy village in the style of {}",
+        "an astronaut on the moon in the style of {}",
     ],
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
-                        help="The base pipeline the embeddings were trained on (folder or Hub id); SD 1.x/2.x or SDXL, read from its model_index.json.")
+    parser.add_argument(
+        "--model",
+        "--pretrained_model_name_or_path",
+        dest="model",
+        required=True,
+        help="The base pipeline the embeddings were trained on (folder or Hub id); SD 1.x/2.x or "
+        "SDXL, read from its model_index.json.",
+    )
     parser.add_argument("--revision", default=None, help="Revision of --model on the Hub.")
     parser.add_argument("--variant", default=None, help="Variant of --model's weight files, e.g. fp16.")
-    parser.add_argument("--embeddings", nargs="+", required=True,
-                        help="Training output folders, embedding files in any form the concept tools read, checkpoint-N folders or "
-                             "learned_embeds-steps-N files.")
-    parser.add_argument("--labels", nargs="+", default=None, help="A name for each embedding in the outputs (default: from its path).")
-    parser.add_argument("--reference_images", nargs="+", required=True, help="The concept's photos (folders or image files): subject fidelity compares with them.")
-    parser.add_argument("--class_word", required=True, help="What the token stands for, e.g. 'toy': text fidelity scores the prompt with this word in the token's place.")
-    parser.add_argument("--prompts", nargs="+", default=["simple", "complex"],
-                        help=f"Prompt sets: {', '.join(PROMPT_SETS)} (about 20 prompts each), or text files with one prompt a line and {{}} for the token.")
-    parser.add_argument("--seeds", type=cli.positive_int, default=4, help="Images per prompt, seeds --first_seed, --first_seed + 1, ...; the same for every embedding.")
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        required=True,
+        help="Training output folders, embedding files in any form the concept tools read, "
+        "checkpoint-N folders or "
+        "learned_embeds-steps-N files.",
+    )
+    parser.add_argument(
+        "--labels", nargs="+", default=None, help="A name for each embedding in the outputs (default: from its path)."
+    )
+    parser.add_argument(
+        "--reference_images",
+        nargs="+",
+        required=True,
+        help="The concept's photos (folders or image files): subject fidelity compares with them.",
+    )
+    parser.add_argument(
+        "--class_word",
+        required=True,
+        help="What the token stands for, e.g. 'toy': text fidelity scores the prompt with this word in the token's "
+        "place.",
+    )
+    parser.add_argument(
+        "--prompts",
+        nargs="+",
+        default=["simple", "complex"],
+        help=f"Prompt sets: {', '.join(PROMPT_SETS)} (about 20 prompts each), or text files with one "
+        "prompt a line and {} for the token.",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=cli.positive_int,
+        default=4,
+        help="Images per prompt, seeds --first_seed, --first_seed + 1, ...; the same for every embedding.",
+    )
     parser.add_argument("--first_seed", type=int, default=0, help="The first seed.")
-    parser.add_argument("--num_inference_steps", type=cli.positive_int, default=30, help="Denoising steps (DPM-Solver++).")
-    parser.add_argument("--guidance_scale", type=cli.finite_float, default=None, help="Classifier-free guidance (default: the pipeline's, 7.5 SD, 5 SDXL).")
-    parser.add_argument("--resolution", type=cli.positive_int, default=None, help="Image size in pixels (default: the model's).")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=4, help="Images per pipeline call and per encoder batch.")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Dtype of the pipeline (default: fp16 on a GPU, no on a CPU). The encoders score in float32.")
+    parser.add_argument(
+        "--num_inference_steps", type=cli.positive_int, default=30, help="Denoising steps (DPM-Solver++)."
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=cli.finite_float,
+        default=None,
+        help="Classifier-free guidance (default: the pipeline's, 7.5 SD, 5 SDXL).",
+    )
+    parser.add_argument(
+        "--resolution", type=cli.positive_int, default=None, help="Image size in pixels (default: the model's)."
+    )
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, default=4, help="Images per pipeline call and per encoder batch."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Dtype of the pipeline (default: fp16 on a GPU, no on a CPU). The encoders score in float32.",
+    )
     for name, model_id in DEFAULT_ENCODERS.items():
-        parser.add_argument(f"--{name}_model", default=model_id, help=f"Hub id or folder of the {name} encoder (default {model_id}); none skips its metrics.")
-    parser.add_argument("--grid_size", type=cli.positive_int, default=256, help="Side of each image in the grids, in pixels.")
-    parser.add_argument("--output_dir", default="dti-evaluation", help="Where images, metrics, report and pictures go.")
+        parser.add_argument(
+            f"--{name}_model",
+            default=model_id,
+            help=f"Hub id or folder of the {name} encoder (default {model_id}); none skips its metrics.",
+        )
+    parser.add_argument(
+        "--grid_size", type=cli.positive_int, default=256, help="Side of each image in the grids, in pixels."
+    )
+    parser.add_argument(
+        "--output_dir", default="dti-evaluation", help="Where images, metrics, report and pictures go."
+    )
     parser.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
     return parser.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The metrics: one encoder per model id, features normalized; cosines by matrix products
-# ----------------------------------------------------------------------------------------------------
-
-
-def encoder_ids(specs=(), flag="--evaluation_models"):
-    """{"clip", "siglip", "dino": model id or None} from DEFAULT_ENCODERS updated with NAME=ID strings (ID none skips)."""
-    ids = dict(DEFAULT_ENCODERS)
-    for spec in specs:
-        name, sep, model_id = spec.partition("=")
-        if not sep or name not in ids or not model_id:
-            raise DTIError(f"{flag} {spec!r} is not NAME=ID with NAME one of {', '.join(ids)}; e.g. clip=openai/clip-vit-large-patch14 or siglip=none.")
-        ids[name] = model_id
-    return {name: None if model_id.lower() == "none" else model_id for name, model_id in ids.items()}
-
-
-def _pooled(output):
-    return getattr(output, "pooler_output", output)  # transformers 5 returns model outputs from get_*_features
-
-
-class Encoder:
-    """One scoring model from transformers' AutoProcessor and AutoModel. The processor loads at once (a wrong id or a
-    missing tokenizer library fails in seconds); the weights load at the first use."""
-
-    def __init__(self, name, model_id, device="cpu", cache_dir=None, flag="--{}_model "):
-        from transformers import AutoProcessor
-
-        self.name, self.model_id, self.device, self.cache_dir, self.model = name, model_id, torch.device(device), cache_dir, None
-        try:
-            self.processor = AutoProcessor.from_pretrained(model_id, cache_dir=cache_dir)
-        except Exception as e:
-            why = " ".join(str(e).split())[:200]
-            hint = "; pip install sentencepiece for SigLIP's tokenizer" if "sentencepiece" in why.lower() else ""
-            raise DTIError(f"{flag.format(name)}{model_id} could not be loaded ({type(e).__name__}: {why}){hint}; "
-                           f"pass a Hub id or folder of a {name} model, or none to skip its metrics.") from None
-        self.image_processor = getattr(self.processor, "image_processor", self.processor)
-
-    def load(self):
-        if self.model is None:
-            from transformers import AutoModel
-
-            self.model = AutoModel.from_pretrained(self.model_id, cache_dir=self.cache_dir, dtype=torch.float32).to(self.device).eval()
-        return self
-
-    @torch.no_grad()
-    def image_features(self, images):
-        """Unit feature rows (n, d) float32: projected image embeddings (CLIP, SigLIP), or for a vision-only model (DINOv2)
-        the CLS token of its last hidden state, after the final layer norm (DINOv2's pooler_output)."""
-        self.load()
-        pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"].to(self.device)
-        if hasattr(self.model, "get_image_features"):
-            features = _pooled(self.model.get_image_features(pixel_values=pixels))
-        else:
-            features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
-        return F.normalize(features.float(), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, texts):
-        """Unit rows (n, d) of projected text embeddings; padded to the model's length, as SigLIP was trained."""
-        self.load()
-        tokenizer = self.processor.tokenizer
-        length = min(tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        ids = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids.to(self.device)
-        return F.normalize(_pooled(self.model.get_text_features(input_ids=ids)).float(), dim=-1)
-
-
-def cosine_matrix(a, b):
-    """Cosine similarities between the rows of a and the rows of b: (len(a), len(b))."""
-    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
-
-
-def text_fidelity(image_features, text_features):
-    """Per image: the cosine between it and its own text."""
-    return (F.normalize(image_features.float(), dim=-1) * F.normalize(text_features.float(), dim=-1)).sum(-1)
-
-
-def subject_fidelity(image_features, reference_features):
-    """Per image: its mean cosine over the reference images."""
-    return cosine_matrix(image_features, reference_features).mean(dim=1)
-
-
-def _batches(items, size):
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-class FidelityScorer:
-    """The encoders, loaded once, and the four metrics (METRICS) of a list of images against their texts and the
-    reference images. model_ids: {"clip", "siglip", "dino": id or None}."""
-
-    def __init__(self, model_ids, device="cpu", cache_dir=None, batch_size=16, flag="--{}_model "):
-        self.encoders = {name: Encoder(name, model_id, device, cache_dir, flag) for name, model_id in model_ids.items() if model_id}
-        self.metrics = [m for m, (name, _) in METRICS.items() if name in self.encoders]
-        self.batch_size = batch_size
-
-    def _image_features(self, encoder, images):
-        return torch.cat([encoder.image_features(chunk) for chunk in _batches(images, self.batch_size)])
-
-    def reference_features(self, images):
-        """{encoder name: unit features} of the reference images, for every encoder a subject metric uses."""
-        names = {METRICS[m][0] for m in self.metrics if m.startswith("subject_")}
-        return {name: self._image_features(self.encoders[name], images) for name in names}
-
-    def score(self, images, texts, reference):
-        """{metric: float64 numpy array, one score per image}."""
-        features = {name: self._image_features(encoder, images) for name, encoder in self.encoders.items()}
-        scores = {}
-        for metric in self.metrics:
-            name = METRICS[metric][0]
-            if metric.startswith("text_"):
-                text = torch.cat([self.encoders[name].text_features(chunk) for chunk in _batches(list(texts), self.batch_size)])
-                scores[metric] = text_fidelity(features[name], text)
-            else:
-                scores[metric] = subject_fidelity(features[name], reference[name])
-        return {m: s.double().cpu().numpy() for m, s in scores.items()}
-
-
-def summary(values):
-    """{"mean", "se"} of a list of scores; the standard error is the sample standard deviation / sqrt(n) (None for n < 2)."""
-    values = np.asarray(values, dtype=np.float64)
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-    return {"mean": float(values.mean()), "se": se}
-
-
-# ----------------------------------------------------------------------------------------------------
-# --evaluate_steps in the training scripts
-# ----------------------------------------------------------------------------------------------------
-
-
-def class_prompt(prompt, placeholder_token, class_word):
-    """The prompt with the placeholder (and its numbered tokens tok_1 ..., if written out) replaced by the class word."""
-    token = re.escape(placeholder_token)
-    return re.sub(rf"{token}(?:_\d+)?(?:\s+{token}_\d+)*", class_word, prompt)
-
-
-class TrainingEvaluator:
-    """--evaluate_steps N in the training scripts: the validation images of every N-th step scored as this script
-    scores them, text fidelity to --validation_prompt with the placeholder read as --initializer_token and subject
-    fidelity to the training images, sent to the trackers (eval/<metric>) and the progress log."""
-
-    def __init__(self, args, training_images, device):
-        self.every = args.evaluate_steps
-        self.scorer = FidelityScorer(encoder_ids(args.evaluation_models), device=device, cache_dir=args.cache_dir, flag="--evaluation_models {}=")
-        self.reference = self.scorer.reference_features([im.image for im in training_images])
-        self.text = class_prompt(args.validation_prompt, args.placeholder_token, args.initializer_token)
-
-    def due(self, step):
-        return step % self.every == 0
-
-    def __call__(self, step, image_paths, accelerator):
-        images = [open_rgb(path) for path in image_paths]
-        scores = self.scorer.score(images, [self.text] * len(images), self.reference)
-        logs = {f"eval/{metric}": float(values.mean()) for metric, values in scores.items()}
-        accelerator.log(logs, step=step)
-        dti.logger.info(f"step {step} evaluation of {len(images)} validation image(s) ({self.text!r}): "
-                        + ", ".join(f"{metric} {value:.4f}" for metric, value in logs.items()))
-        return logs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,7 +215,8 @@ class TrainingEvaluator:
 
 
 def load_prompt_sets(specs):
-    """{set name: [prompts with {}]} from built-in names and text files (one prompt a line; blank and # lines skipped)."""
+    """{set name: [prompts with {}]} from built-in names and text files (one prompt a line; blank and # lines
+    skipped)."""
     sets = {}
     for spec in specs:
         if spec in PROMPT_SETS:
@@ -303,20 +228,21 @@ def load_prompt_sets(specs):
             prompts = [line for _, line in lines if line and not line.startswith("#")]
             for i, line in lines:
                 if line and not line.startswith("#") and "{}" not in line:
-                    raise DTIError(f"--prompts {spec} line {i} has no {{}} where the token goes ({line!r}); write e.g. 'a photo of a {{}} on a beach'.")
+                    raise DTIError(
+                        f"--prompts {spec} line {i} has no {{}} where the token goes ({line!r}); write e.g. 'a photo "
+                        "of a {} on a beach'."
+                    )
             if not prompts:
                 raise DTIError(f"--prompts {spec} holds no prompts; write one prompt a line with {{}} for the token.")
         else:
-            raise DTIError(f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor a text file; pass one of those.")
+            raise DTIError(
+                f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor a text file; pass one "
+                "of those."
+            )
         if name in sets:
             raise DTIError(f"--prompts names the set {name!r} twice; pass each set once (rename one of the files).")
         sets[name] = list(prompts)
     return sets
-
-
-def open_rgb(path):
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def load_reference_images(paths):
@@ -324,36 +250,52 @@ def load_reference_images(paths):
     images = []
     for path in paths:
         if os.path.isdir(path):
-            if not any(n.lower().endswith(cli.IMAGE_EXTENSIONS) and not n.startswith(".") for n in os.listdir(path)):
-                raise DTIError(f"--reference_images {path} holds no images ({', '.join(cli.IMAGE_EXTENSIONS)}); pass the folder of the concept's photos.")
-            images += [im.image for im in cli.load_training_images(path)]
-        elif os.path.isfile(path) and path.lower().endswith(cli.IMAGE_EXTENSIONS):
+            if not any(
+                n.lower().endswith(data_lib.IMAGE_EXTENSIONS) and not n.startswith(".") for n in os.listdir(path)
+            ):
+                raise DTIError(
+                    f"--reference_images {path} holds no images ({', '.join(data_lib.IMAGE_EXTENSIONS)}); pass the "
+                    "folder of the concept's photos."
+                )
+            images += [im.image for im in data_lib.load_training_images(path)]
+        elif os.path.isfile(path) and path.lower().endswith(data_lib.IMAGE_EXTENSIONS):
             with Image.open(path) as image:
-                images.append(cli.to_rgb(image, path))
+                images.append(data_lib.to_rgb(image, path))
         else:
-            raise DTIError(f"--reference_images {path} is neither a folder nor an image file; pass the concept's photos (the training images).")
+            raise DTIError(
+                f"--reference_images {path} is neither a folder nor an image file; pass the concept's photos (the "
+                "training images)."
+            )
     return images
 
 
 @functools.lru_cache(maxsize=None)
 def base_norm_stats(model, name):
     """Mean, min and max norm of the encoder's base vocabulary (read once per model and encoder)."""
-    from dti_concepts import base_vocabulary
-
-    return dti.vocabulary_norm_stats(base_vocabulary(model, name)[0])
+    return vocabulary_norm_stats(files.base_vocabulary(model, name)[0])
 
 
 def _checkpoint_embedding(path):
     """A checkpoint-N folder as an embedding. It holds what trains: unit directions v under DTI, the embedding itself
     under classic TI; the DTI norm m is not stored, see `apply_checkpoint_norm`."""
     try:
-        state = torch.load(os.path.join(path, dti.CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        params, mode, flags = state["params"], state["mode"], state.get("flags", {})
-    except Exception as e:
-        raise DTIError(f"--embeddings {path}: its {dti.CHECKPOINT_FILE} cannot be read ({type(e).__name__}); pass a checkpoint-N folder of a training run.") from None
-    names = dti.ENCODERS[: len(params)]
-    meta = {"method": "textual_inversion"} if mode == "adamw" else {"method": "directional_textual_inversion", "token_scale": str(flags.get("token_scale", "mean"))}
-    return dti.ConceptEmbedding(state["tokens"][0], {n: p.float() for n, p in zip(names, params)}, {n: dict(meta) for n in names}, path, "checkpoint")
+        state = training.load_checkpoint(path)
+    except DTIError as e:
+        raise DTIError(f"--embeddings {path}: {e}") from e
+    params, mode, flags = state["params"], state["mode"], state.get("flags", {})
+    names = files.ENCODERS[: len(params)]
+    meta = (
+        {"method": "textual_inversion"}
+        if mode == "adamw"
+        else {"method": "directional_textual_inversion", "token_scale": str(flags.get("token_scale", "mean"))}
+    )
+    return files.ConceptEmbedding(
+        state["tokens"][0],
+        {n: p.float() for n, p in zip(names, params)},
+        {n: dict(meta) for n in names},
+        path,
+        "checkpoint",
+    )
 
 
 def apply_checkpoint_norm(concept, model):
@@ -361,8 +303,8 @@ def apply_checkpoint_norm(concept, model):
     checkpoint) applied to the norms of --model's vocabulary, per encoder. The same m as the run's embedding files."""
     if concept.form == "checkpoint" and concept.metadata["text_encoder"]["method"] == "directional_textual_inversion":
         for name, v in concept.vectors.items():
-            norm = dti.resolve_token_scale(concept.metadata[name]["token_scale"], base_norm_stats(model, name))
-            concept.vectors[name] = norm * dti.projx(v)
+            norm = resolve_token_scale(concept.metadata[name]["token_scale"], base_norm_stats(model, name))
+            concept.vectors[name] = norm * projx(v)
             concept.metadata[name]["norm"] = repr(norm)
     return concept
 
@@ -378,13 +320,20 @@ def load_embedding(path):
     checkpoint, steps = CHECKPOINT_DIR.match(os.path.basename(path)), STEPS_FILE.match(os.path.basename(path))
     if checkpoint and os.path.isdir(path):
         return _checkpoint_embedding(path), f"{run}@{checkpoint.group(1)}", (run, int(checkpoint.group(1)))
-    concept = concepts.read_concept(path)
+    concept = files.read_concept(path)
     if steps:
         second = os.path.join(os.path.dirname(path), f"learned_embeds_2-steps-{steps.group(1)}{steps.group(2)}")
-        if os.path.isfile(second) and not concept.sdxl:  # an SDXL snapshot: text_encoder_2's vectors are in the sibling file
-            other = concepts.read_concept(second)
-            concept = dti.ConceptEmbedding(concept.token, {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
-                                           {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": other.metadata["text_encoder"]}, path, concept.form)
+        if (
+            os.path.isfile(second) and not concept.sdxl
+        ):  # an SDXL snapshot: text_encoder_2's vectors are in the sibling file
+            other = files.read_concept(second)
+            concept = files.ConceptEmbedding(
+                concept.token,
+                {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
+                {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": other.metadata["text_encoder"]},
+                path,
+                concept.form,
+            )
         return concept, f"{run}@{steps.group(1)}", (run, int(steps.group(1)))
     if os.path.isdir(path):  # a training output: the last point of its run
         steps = concept.metadata.get("text_encoder", {}).get("steps", "")
@@ -393,28 +342,27 @@ def load_embedding(path):
 
 
 def describe_method(meta):
-    """How an embedding was made, from its metadata: DTI, TI, TI rescaled to the vocabulary norm, or unknown (other tools' files)."""
-    method = {"directional_textual_inversion": "DTI", "textual_inversion": "TI"}.get(meta.get("method"), meta.get("method") or "unknown")
+    """How an embedding was made, from its metadata: DTI, TI, TI rescaled to the vocabulary norm, or unknown (other
+    tools' files)."""
+    method = {"directional_textual_inversion": "DTI", "textual_inversion": "TI"}.get(
+        meta.get("method"), meta.get("method") or "unknown"
+    )
     return f"{method} rescaled to {meta['rescaled_to']}" if meta.get("rescaled_to") else method
 
 
 def check_fits(concept, path, model, sdxl, widths):
     kind = "SDXL" if sdxl else "SD 1.x/2.x"
     if concept.sdxl != sdxl:
-        raise DTIError(f"--embeddings {path} is an {'SDXL' if concept.sdxl else 'SD 1.x/2.x'} embedding but --model {model} is {kind}; "
-                       f"pass the base model it was trained on.")
+        raise DTIError(
+            f"--embeddings {path} is an {'SDXL' if concept.sdxl else 'SD 1.x/2.x'} embedding but --model {model} is "
+            f"{kind}; pass the base model it was trained on."
+        )
     for name, vectors in concept.vectors.items():
         if vectors.shape[1] != widths[name]:
-            raise DTIError(f"--embeddings {path} holds {vectors.shape[1]}-dim vectors for {name} but --model {model} has {widths[name]}-dim "
-                           f"token embeddings; pass the base model it was trained on.")
-
-
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    dti._atomic_write(path, write)
+            raise DTIError(
+                f"--embeddings {path} holds {vectors.shape[1]}-dim vectors for {name} but --model {model} has "
+                f"{widths[name]}-dim token embeddings; pass the base model it was trained on."
+            )
 
 
 def _slug(text):
@@ -424,35 +372,6 @@ def _slug(text):
 # ----------------------------------------------------------------------------------------------------
 # Pictures: the labelled grid and fidelity.png
 # ----------------------------------------------------------------------------------------------------
-
-
-def label_band(size):
-    """Height of the band of column labels above a grid of images of this side."""
-    return max(16, size // 10)
-
-
-def labelled_grid(rows, row_labels, column_labels, size):
-    """Images (rows of equal length) resized to size x size in make_image_grid's layout, column labels in a band
-    above, row labels in a margin on the left. The images sit in the bottom-right (len(cols) * size, len(rows) * size)."""
-    from diffusers.utils import make_image_grid
-
-    band = label_band(size)
-    font = concepts.label_font(max(8, int(band * 0.6)))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = max(measure.textbbox((0, 0), label, font=font)[2] for label in row_labels) + 8
-    grid = make_image_grid([image for row in rows for image in row], rows=len(rows), cols=len(rows[0]), resize=size)
-    canvas = Image.new("RGB", (margin + grid.width, band + grid.height), "white")
-    canvas.paste(grid, (margin, band))
-    draw = ImageDraw.Draw(canvas)
-    def put(text, x, y, centre):  # x: the centre or the left edge; y: the middle (no anchors: bitmap fonts have none)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        draw.text((x - (right - left) / 2 - left if centre else x - left, y - (bottom - top) / 2 - top), text, fill="black", font=font)
-
-    for j, label in enumerate(column_labels):
-        put(label, margin + j * size + size / 2, band / 2, centre=True)
-    for i, label in enumerate(row_labels):
-        put(label, 4, band + i * size + size / 2, centre=False)
-    return canvas
 
 
 def plot_fidelity(entries, metric_ids, path):
@@ -474,9 +393,22 @@ def plot_fidelity(entries, metric_ids, path):
         for k, name in enumerate(sets):
             for e in entries:
                 scores = e["sets"][name]["scores"]
-                ax.errorbar(scores[x]["mean"], scores[y]["mean"], xerr=scores[x]["se"] or 0, yerr=scores[y]["se"] or 0, fmt=markers[k % len(markers)],
-                            color=colors[e["label"]], capsize=3)
-                ax.annotate(e["label"], (scores[x]["mean"], scores[y]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                ax.errorbar(
+                    scores[x]["mean"],
+                    scores[y]["mean"],
+                    xerr=scores[x]["se"] or 0,
+                    yerr=scores[y]["se"] or 0,
+                    fmt=markers[k % len(markers)],
+                    color=colors[e["label"]],
+                    capsize=3,
+                )
+                ax.annotate(
+                    e["label"],
+                    (scores[x]["mean"], scores[y]["mean"]),
+                    textcoords="offset points",
+                    xytext=(5, 5),
+                    fontsize=8,
+                )
             runs = {}
             for e in entries:
                 if e.get("run"):
@@ -484,15 +416,27 @@ def plot_fidelity(entries, metric_ids, path):
             for points in runs.values():
                 if len(points) > 1:
                     points.sort(key=lambda p: p[0])
-                    ax.plot([p[1][x]["mean"] for p in points], [p[1][y]["mean"] for p in points], color="grey", linewidth=0.8, zorder=0)
+                    ax.plot(
+                        [p[1][x]["mean"] for p in points],
+                        [p[1][y]["mean"] for p in points],
+                        color="grey",
+                        linewidth=0.8,
+                        zorder=0,
+                    )
         ax.set_xlabel(f"subject fidelity: {x} ({metric_ids[x]})", fontsize=9)
         ax.set_ylabel(f"text fidelity: {y} ({metric_ids[y]})", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(handles=[Line2D([], [], marker=markers[k % len(markers)], color="black", linestyle="none", label=name) for k, name in enumerate(sets)],
-                  title="prompt set", fontsize=8)
+        ax.legend(
+            handles=[
+                Line2D([], [], marker=markers[k % len(markers)], color="black", linestyle="none", label=name)
+                for k, name in enumerate(sets)
+            ],
+            title="prompt set",
+            fontsize=8,
+        )
     fig.suptitle("Up and to the right is better: follows the prompt and keeps the likeness")
     fig.tight_layout()
-    dti._atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -507,11 +451,15 @@ def _fmt(score):
 
 def write_csv(result, path):
     metrics = list(result["metrics"])
-    header = ["embedding", "method", "prompt_set", "prompt_index", "prompt", "n"] + [f"{m}_{s}" for m in metrics for s in ("mean", "se")]
+    header = ["embedding", "method", "prompt_set", "prompt_index", "prompt", "n"] + [
+        f"{m}_{s}" for m in metrics for s in ("mean", "se")
+    ]
 
     def row(e, set_name, index, prompt, group):
         values = [v for m in metrics for v in (group["scores"][m]["mean"], group["scores"][m]["se"])]
-        return [e["label"], e["method"], set_name, index, prompt, group["n"]] + ["" if v is None else repr(v) for v in values]
+        return [e["label"], e["method"], set_name, index, prompt, group["n"]] + [
+            "" if v is None else repr(v) for v in values
+        ]
 
     def write(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -524,33 +472,64 @@ def write_csv(result, path):
                     for p in group["prompts"]:
                         out.writerow(row(e, set_name, p["index"], p["prompt"], p))
 
-    dti._atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 def write_report(result, path, pictures):
     metrics = result["metrics"]
-    lines = [f"# Evaluation on {result['model']}", "",
-             f"Class word `{result['class_word']}`, seeds {result['seeds']}, {result['num_inference_steps']} steps, "
-             f"{result['num_reference_images']} reference image(s). Each cell: mean ± standard error over the images.", "",
-             "| metric | model | what it measures |", "|---|---|---|"]
+    lines = [
+        f"# Evaluation on {result['model']}",
+        "",
+        f"Class word `{result['class_word']}`, seeds {result['seeds']}, {result['num_inference_steps']} steps, "
+        f"{result['num_reference_images']} reference image(s). Each cell: mean ± standard error over the images.",
+        "",
+        "| metric | model | what it measures |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{m}` | `{info['model']}` | {info['description']} |" for m, info in metrics.items()]
     if "fidelity.png" in pictures:
         lines += ["", "![text against subject fidelity](fidelity.png)"]
     for set_name in result["prompt_sets"]:
-        lines += ["", f"## Prompt set `{set_name}`", "", "| embedding | method | norm | " + " | ".join(metrics) + " |",
-                  "|---|---|---|" + "---|" * len(metrics)]
+        lines += [
+            "",
+            f"## Prompt set `{set_name}`",
+            "",
+            "| embedding | method | norm | " + " | ".join(metrics) + " |",
+            "|---|---|---|" + "---|" * len(metrics),
+        ]
         for e in result["embeddings"]:
             norms = ", ".join(f"{n:.4g} ({n / e['vocabulary_mean_norm'][k]:.2f}x vocab)" for k, n in e["norm"].items())
-            lines.append(f"| {e['label']} | {e['method']} | {norms} | " + " | ".join(_fmt(e["sets"][set_name]["scores"][m]) for m in metrics) + " |")
+            lines.append(
+                f"| {e['label']} | {e['method']} | {norms} | "
+                + " | ".join(_fmt(e["sets"][set_name]["scores"][m]) for m in metrics)
+                + " |"
+            )
         if f"grid_{set_name}.png" in pictures:
-            lines += ["", f"![grid of {set_name}](grid_{set_name}.png)", "", f"Rows: embeddings; columns: the prompts below; seed {result['seeds'][0]}."]
-        lines += ["", "<details><summary>Per prompt</summary>", "", "| # | prompt | " + " | ".join(f"{e['label']} {m}" for e in result["embeddings"] for m in TEXT_METRICS if m in metrics) + " |",
-                  "|---|---|" + "---|" * sum(m in metrics for m in TEXT_METRICS) * len(result["embeddings"])]
+            lines += [
+                "",
+                f"![grid of {set_name}](grid_{set_name}.png)",
+                "",
+                f"Rows: embeddings; columns: the prompts below; seed {result['seeds'][0]}.",
+            ]
+        lines += [
+            "",
+            "<details><summary>Per prompt</summary>",
+            "",
+            "| # | prompt | "
+            + " | ".join(f"{e['label']} {m}" for e in result["embeddings"] for m in TEXT_METRICS if m in metrics)
+            + " |",
+            "|---|---|" + "---|" * sum(m in metrics for m in TEXT_METRICS) * len(result["embeddings"]),
+        ]
         for i, prompt in enumerate(result["prompt_sets"][set_name]):
-            cells = [_fmt(e["sets"][set_name]["prompts"][i]["scores"][m]) for e in result["embeddings"] for m in TEXT_METRICS if m in metrics]
+            cells = [
+                _fmt(e["sets"][set_name]["prompts"][i]["scores"][m])
+                for e in result["embeddings"]
+                for m in TEXT_METRICS
+                if m in metrics
+            ]
             lines.append(f"| {i + 1} | {prompt} | " + " | ".join(cells) + " |")
         lines += ["", "</details>"]
-    _write_text(path, "\n".join(lines) + "\n")
+    files.write_text(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,8 +540,10 @@ def write_report(result, path, pictures):
 def main(args):
     """Generate what is missing, score everything, write the outputs. Returns a namespace with `generated` (images made
     by this call), `result` (the metrics.json content), `files` and `exit_code`."""
-    dti.quiet_library_notices()
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    training.quiet_library_notices()
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
 
     # -- Checks that need no model: everything a typo can break fails here, in seconds --
     index = cli.check_model(args.model, None, args.revision, args.cache_dir, flag="--model")
@@ -570,17 +551,31 @@ def main(args):
     prompt_sets = load_prompt_sets(args.prompts)
     references = load_reference_images(args.reference_images)
     if args.labels is not None and len(args.labels) != len(args.embeddings):
-        raise DTIError(f"--labels has {len(args.labels)} name(s) for {len(args.embeddings)} --embeddings; give one per embedding or none.")
-    encoder_model_ids = encoder_ids([f"{name}={getattr(args, f'{name}_model')}" for name in DEFAULT_ENCODERS], flag="--clip_model/--siglip_model/--dino_model")
+        raise DTIError(
+            f"--labels has {len(args.labels)} name(s) for {len(args.embeddings)} --embeddings; give one per embedding "
+            "or none."
+        )
+    encoder_model_ids = encoder_ids(
+        [f"{name}={getattr(args, f'{name}_model')}" for name in DEFAULT_ENCODERS],
+        flag="--clip_model/--siglip_model/--dino_model",
+    )
     if not any(encoder_model_ids.values()):
         raise DTIError("--clip_model, --siglip_model and --dino_model are all none; keep at least one to score with.")
     from transformers import AutoConfig
 
-    names = dti.ENCODERS if sdxl else dti.ENCODERS[:1]
+    names = files.ENCODERS if sdxl else files.ENCODERS[:1]
     try:  # the text encoders' widths from their configs: an embedding for another model fails before any weights load
-        widths = {n: AutoConfig.from_pretrained(args.model, subfolder=n, revision=args.revision, cache_dir=args.cache_dir).hidden_size for n in names}
-    except Exception as e:
-        raise DTIError(f"--model {args.model}: the text encoder's config could not be read ({type(e).__name__}); pass a complete diffusers pipeline.") from None
+        widths = {
+            n: AutoConfig.from_pretrained(
+                args.model, subfolder=n, revision=args.revision, cache_dir=args.cache_dir
+            ).hidden_size
+            for n in names
+        }
+    except (OSError, ValueError) as e:
+        raise DTIError(
+            f"--model {args.model}: the text encoder's config could not be read ({type(e).__name__}); pass a complete "
+            "diffusers pipeline."
+        ) from e
     entries, slugs = [], set()
     for i, path in enumerate(args.embeddings):
         concept, label, run = load_embedding(path)
@@ -591,44 +586,74 @@ def main(args):
         while slug in slugs:
             slug, k = f"{_slug(label)}-{k}", k + 1
         slugs.add(slug)
-        entries.append(SimpleNamespace(path=path, concept=concept, label=label if slug == _slug(label) else slug, slug=slug, run=run))
+        entries.append(
+            SimpleNamespace(
+                path=path, concept=concept, label=label if slug == _slug(label) else slug, slug=slug, run=run
+            )
+        )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.mixed_precision or ("fp16" if device.type == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    settings = {"model": args.model, "revision": args.revision, "variant": args.variant, "mixed_precision": precision, "scheduler": "DPMSolverMultistepScheduler",
-                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale, "resolution": args.resolution}
+    settings = {
+        "model": args.model,
+        "revision": args.revision,
+        "variant": args.variant,
+        "mixed_precision": precision,
+        "scheduler": "DPMSolverMultistepScheduler",
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+    }
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     jobs = []  # (entry, set name, prompt index, seed, path) of every image
     for e in entries:
         folder = os.path.join(args.output_dir, "images", e.slug)
-        digest = hashlib.sha256(b"".join(e.concept.vectors[n].float().contiguous().numpy().tobytes() for n in names)).hexdigest()
+        digest = hashlib.sha256(
+            b"".join(e.concept.vectors[n].float().contiguous().numpy().tobytes() for n in names)
+        ).hexdigest()
         e.settings = {**settings, "embedding_sha256": digest, "source": os.path.abspath(e.path)}
         e.settings_path = os.path.join(folder, "settings.json")
         if os.path.isfile(e.settings_path):
             with open(e.settings_path) as f:
                 old = json.load(f)
-            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in e.settings.items() if k != "source" and old.get(k) != v]
+            changed = [
+                f"{k} {old.get(k)!r} -> {v!r}" for k, v in e.settings.items() if k != "source" and old.get(k) != v
+            ]
             if changed:
-                raise DTIError(f"{folder} holds images of {e.label} made with other settings ({'; '.join(changed)}); pass another --output_dir, "
-                               f"or delete that folder to make them again.")
+                raise DTIError(
+                    f"{folder} holds images of {e.label} made with other settings ({'; '.join(changed)}); pass "
+                    "another --output_dir, or delete that folder to make them again."
+                )
         for set_name, prompts in prompt_sets.items():
             for j, prompt in enumerate(prompts):
                 key = hashlib.sha1(prompt.encode()).hexdigest()[:8]
                 for seed in seeds:
-                    jobs.append((e, set_name, j, seed, os.path.join(folder, set_name, f"{j + 1:02d}-{key}-seed{seed}.png")))
+                    jobs.append(
+                        (e, set_name, j, seed, os.path.join(folder, set_name, f"{j + 1:02d}-{key}-seed{seed}.png"))
+                    )
     pending = [job for job in jobs if not os.path.isfile(job[4])]
-    scorer = FidelityScorer(encoder_model_ids, device=device, cache_dir=args.cache_dir, batch_size=args.batch_size)  # processors only, for now
-    logger.info(f"{len(entries)} embedding(s) x {sum(map(len, prompt_sets.values()))} prompt(s) x {len(seeds)} seed(s): {len(jobs)} images, "
-                f"{len(jobs) - len(pending)} already in {args.output_dir}, {len(pending)} to make on {device} ({precision})")
+    scorer = FidelityScorer(
+        encoder_model_ids, device=device, cache_dir=args.cache_dir, batch_size=args.batch_size
+    )  # processors only, for now
+    logger.info(
+        f"{len(entries)} embedding(s) x {sum(map(len, prompt_sets.values()))} prompt(s) x {len(seeds)} seed(s): "
+        f"{len(jobs)} images, {len(jobs) - len(pending)} already in {args.output_dir}, {len(pending)} to make on "
+        f"{device} ({precision})"
+    )
 
     # -- 1. Generate what is missing: one pipeline, every embedding under its own token, one generator per image --
     if pending:
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.training_utils import free_memory
 
-        extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}  # a blacked-out image would be scored
+        extra = (
+            {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        )  # a blacked-out image would be scored
         cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        pipe = cls.from_pretrained(args.model, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=dtype, **extra)
+        pipe = cls.from_pretrained(
+            args.model, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=dtype, **extra
+        )
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.to(device).set_progress_bar_config(disable=True)
         call = {"num_inference_steps": args.num_inference_steps, "height": args.resolution, "width": args.resolution}
@@ -641,30 +666,33 @@ def main(args):
                 continue
             token = f"<dti-eval-{i}>"
             for name, tokenizer in zip(names, ("tokenizer", "tokenizer_2")):
-                pipe.load_textual_inversion(e.concept.vectors[name].float(), token=token, text_encoder=getattr(pipe, name), tokenizer=getattr(pipe, tokenizer))
+                pipe.load_textual_inversion(
+                    e.concept.vectors[name].float(),
+                    token=token,
+                    text_encoder=getattr(pipe, name),
+                    tokenizer=getattr(pipe, tokenizer),
+                )
             os.makedirs(os.path.dirname(e.settings_path), exist_ok=True)
-            _write_text(e.settings_path, json.dumps(e.settings, indent=2))
-            for batch in _batches(mine, args.batch_size):
+            files.write_text(e.settings_path, json.dumps(e.settings, indent=2))
+            for batch in batches(mine, args.batch_size):
                 prompts = [prompt_sets[set_name][j].replace("{}", token) for _, set_name, j, _, _ in batch]
                 generators = [torch.Generator("cpu").manual_seed(seed) for *_, seed, _ in batch]
                 images = pipe(prompts, generator=generators, **call).images
                 for (*_, path), image in zip(batch, images):
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    dti._atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+                    files.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
                 progress.update(len(batch))
         progress.close()
         del pipe
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()
 
     # -- 2. Score every image: the encoders load once; the reference photos are encoded once --
     reference = scorer.reference_features(references)
     scores = {}
     progress = tqdm(total=len(jobs), desc="Scoring", unit="image")
-    for batch in _batches(jobs, args.batch_size):
+    for batch in batches(jobs, args.batch_size):
         texts = [prompt_sets[set_name][j].replace("{}", args.class_word) for _, set_name, j, _, _ in batch]
-        batch_scores = scorer.score([open_rgb(job[4]) for job in batch], texts, reference)
+        batch_scores = scorer.score([data_lib.open_rgb(job[4]) for job in batch], texts, reference)
         for k, job in enumerate(batch):
             scores[job[4]] = {m: float(v[k]) for m, v in batch_scores.items()}
         progress.update(len(batch))
@@ -674,46 +702,77 @@ def main(args):
     def group(paths):
         return {"n": len(paths), "scores": {m: summary([scores[p][m] for p in paths]) for m in scorer.metrics}}
 
-    result = {"model": args.model, "sdxl": sdxl, "class_word": args.class_word, "seeds": seeds, "num_inference_steps": args.num_inference_steps,
-              "guidance_scale": args.guidance_scale, "resolution": args.resolution, "mixed_precision": precision,
-              "reference_images": [os.path.abspath(p) for p in args.reference_images], "num_reference_images": len(references), "prompt_sets": prompt_sets,
-              "metrics": {m: {"model": encoder_model_ids[METRICS[m][0]], "description": METRICS[m][1]} for m in scorer.metrics}, "embeddings": []}
+    result = {
+        "model": args.model,
+        "sdxl": sdxl,
+        "class_word": args.class_word,
+        "seeds": seeds,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+        "mixed_precision": precision,
+        "reference_images": [os.path.abspath(p) for p in args.reference_images],
+        "num_reference_images": len(references),
+        "prompt_sets": prompt_sets,
+        "metrics": {
+            m: {"model": encoder_model_ids[METRICS[m][0]], "description": METRICS[m][1]} for m in scorer.metrics
+        },
+        "embeddings": [],
+    }
     for e in entries:
         mine = [job for job in jobs if job[0] is e]
-        item = {"label": e.label, "source": os.path.abspath(e.path), "run": list(e.run) if e.run else None,
-                "method": describe_method(e.concept.metadata.get("text_encoder", {})),
-                "norm": {n: float(e.concept.vectors[n].float().norm(dim=-1).mean()) for n in names},
-                "vocabulary_mean_norm": {n: base_norm_stats(args.model, n)["mean"] for n in names},
-                "all": group([job[4] for job in mine]), "sets": {}}
+        item = {
+            "label": e.label,
+            "source": os.path.abspath(e.path),
+            "run": list(e.run) if e.run else None,
+            "method": describe_method(e.concept.metadata.get("text_encoder", {})),
+            "norm": {n: float(e.concept.vectors[n].float().norm(dim=-1).mean()) for n in names},
+            "vocabulary_mean_norm": {n: base_norm_stats(args.model, n)["mean"] for n in names},
+            "all": group([job[4] for job in mine]),
+            "sets": {},
+        }
         for set_name, prompts in prompt_sets.items():
             in_set = [job for job in mine if job[1] == set_name]
             item["sets"][set_name] = {**group([job[4] for job in in_set]), "prompts": []}
             for j, prompt in enumerate(prompts):
                 paths = [job[4] for job in in_set if job[2] == j]
-                item["sets"][set_name]["prompts"].append({"index": j + 1, "prompt": prompt, "text": prompt.replace("{}", args.class_word), **group(paths),
-                    "images": [{"seed": s, "path": os.path.relpath(p, args.output_dir), **scores[p]} for s, p in zip(seeds, paths)]})
+                item["sets"][set_name]["prompts"].append(
+                    {
+                        "index": j + 1,
+                        "prompt": prompt,
+                        "text": prompt.replace("{}", args.class_word),
+                        **group(paths),
+                        "images": [
+                            {"seed": s, "path": os.path.relpath(p, args.output_dir), **scores[p]}
+                            for s, p in zip(seeds, paths)
+                        ],
+                    }
+                )
         result["embeddings"].append(item)
 
     out = args.output_dir
-    files = [os.path.join(out, "metrics.json"), os.path.join(out, "metrics.csv")]
-    _write_text(files[0], json.dumps(result, indent=2))
-    write_csv(result, files[1])
+    written = [os.path.join(out, "metrics.json"), os.path.join(out, "metrics.csv")]
+    files.write_text(written[0], json.dumps(result, indent=2))
+    write_csv(result, written[1])
     pictures = []
     for set_name, prompts in prompt_sets.items():
-        rows = [[open_rgb(job[4]) for job in jobs if job[0] is e and job[1] == set_name and job[3] == seeds[0]] for e in entries]
+        rows = [
+            [data_lib.open_rgb(job[4]) for job in jobs if job[0] is e and job[1] == set_name and job[3] == seeds[0]]
+            for e in entries
+        ]
         size = min(args.grid_size, rows[0][0].width)
         grid = labelled_grid(rows, [e.label for e in entries], [str(j + 1) for j in range(len(prompts))], size)
-        dti._atomic_write(os.path.join(out, f"grid_{set_name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
+        files.atomic_write(os.path.join(out, f"grid_{set_name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
         pictures.append(f"grid_{set_name}.png")
     plot_ids = {m: info["model"] for m, info in result["metrics"].items()}
     if plot_fidelity(result["embeddings"], plot_ids, os.path.join(out, "fidelity.png")):
         pictures.append("fidelity.png")
     write_report(result, os.path.join(out, "report.md"), pictures)
-    files += [os.path.join(out, p) for p in pictures] + [os.path.join(out, "report.md")]
+    written += [os.path.join(out, p) for p in pictures] + [os.path.join(out, "report.md")]
     for e in result["embeddings"]:
         logger.info(f"{e['label']}: " + ", ".join(f"{m} {_fmt(s)}" for m, s in e["all"]["scores"].items()))
-    logger.info(f"Wrote {', '.join(files)}")
-    return SimpleNamespace(generated=len(pending), result=result, files=files, exit_code=0)
+    logger.info(f"Wrote {', '.join(written)}")
+    return SimpleNamespace(generated=len(pending), result=result, files=written, exit_code=0)
 
 
 if __name__ == "__main__":

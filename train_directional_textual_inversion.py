@@ -13,23 +13,29 @@ Images keep their aspect ratio (shorter side resized to the model's resolution, 
 a NAME.txt beside NAME.jpg is that image's caption (see --caption_token).
 """
 
-import time
+import argparse
+import os
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
-STARTED = time.perf_counter()  # the start-up report counts the imports too
+import diffusers
+import torch
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import check_min_version
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
-import argparse  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import dti_cli as cli
+import dti_data as data_lib
+import dti_files as files
+import dti_training as training
+from dti_graphs import unet_for_training
+from dti_hub import create_hub_repo, push_output_to_hub
+from dti_metrics import TrainingEvaluator, encoder_ids
+from dti_utils import RiemannianSGD, add_directional_embedding, resolve_tokens
 
-import torch  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.utils import check_min_version  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import dti_cli as cli  # noqa: E402
-import dti_utils as dti  # noqa: E402
-from dti_utils import RiemannianSGD  # noqa: E402
 
 check_min_version("0.42.0")
 logger = get_logger(__name__)
@@ -41,115 +47,311 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_training_args(parser, default_model=DEFAULT_MODEL, default_resolution=None, default_flip_p=0.5)
     parser.add_argument("--tokenizer_name", default=None, help="Tokenizer name or path, if not the model's own.")
-    parser.add_argument("--resize_mode", choices=["crop", "squash"], default="crop",
-                        help="crop (default, the reference recipe): shorter side to --resolution, square crops along the longer side "
-                             "(--crop_positions), aspect ratio kept. squash: diffusers' example, the whole image resized to a square "
-                             "(after a central square crop with --center_crop), which distorts a non-square subject.")
-    return cli.check_args(parser.parse_args(argv))
+    parser.add_argument(
+        "--resize_mode",
+        choices=["crop", "squash"],
+        default="crop",
+        help="crop (default, the reference recipe): shorter side to --resolution, square crops along the longer side "
+        "(--crop_positions), aspect ratio kept. squash: diffusers' example, the whole image resized to a square "
+        "(after a central square crop with --center_crop), which distorts a non-square subject.",
+    )
+    args = cli.check_args(parser.parse_args(argv))
+    if args.learning_rate is None:
+        args.learning_rate = cli.DEFAULT_LEARNING_RATES[args.optimizer]
+    return args
 
 
 def main(args, callback=None):
     """Train; returns a namespace with the step reached, the embedding, the optimizer, the data and the files.
     `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
-    timer = dti.StartupTimer(STARTED)
-    model = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
+    timer = training.StartupTimer()
+    model = {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+    }
     cli.check_model(args.pretrained_model_name_or_path, "sd", args.revision, args.cache_dir)
-    with dti.training_session(args, "directional_textual_inversion") as (accelerator, stop):
+    session = training.training_session(
+        output_dir=args.output_dir,
+        logging_dir=args.logging_dir,
+        mixed_precision=args.mixed_precision,
+        report_to=args.report_to,
+    )
+    with session as (accelerator, stop):
         # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
         if accelerator.is_main_process:
             cli.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        source = args.tokenizer_name or args.pretrained_model_name_or_path
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=None if args.tokenizer_name else "tokenizer", revision=args.revision, cache_dir=args.cache_dir)
-        tokens, init_ids = dti.resolve_tokens(tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors, args.allow_multi_token_initializer)
-        images = cli.load_training_images(args.train_data_dir, args.dataset_name, args.dataset_config_name, args.image_column, args.cache_dir, args.caption_column)
+        if args.tokenizer_name:
+            tokenizer = CLIPTokenizer.from_pretrained(
+                args.tokenizer_name, revision=args.revision, cache_dir=args.cache_dir
+            )
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(**model, subfolder="tokenizer")
+        tokens, init_ids = resolve_tokens(
+            tokenizer,
+            args.placeholder_token,
+            args.initializer_token,
+            num_vectors=args.num_vectors,
+            allow_multi_token=args.allow_multi_token_initializer,
+        )
+        images = data_lib.load_training_images(
+            train_data_dir=args.train_data_dir,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column,
+            cache_dir=args.cache_dir,
+            caption_column=args.caption_column,
+        )
         if args.resolution is None:  # the model's own, from its config files: 512 for SD 1.5, 768 for SD 2.x 768-v
             args.resolution = cli.model_resolution(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
             logger.info(f"--resolution {args.resolution} (the model's unet sample_size x VAE scale factor)")
-        cli.warn_small_images(images, args.resolution)
-        dti.resolve_max_train_steps(args, len(images), accelerator.num_processes)
-        checkpoint_path, checkpoint = dti.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is not None:
-            dti.check_resume(checkpoint_path, checkpoint, args, tokens, accelerator.num_processes)
-        hub_repo = cli.start_run(accelerator, args, "directional_textual_inversion")
+        data_lib.warn_small_images(images, args.resolution)
+        args.max_train_steps = training.max_train_steps(
+            max_train_steps=args.max_train_steps,
+            num_train_epochs=args.num_train_epochs,
+            num_images=len(images),
+            repeats=args.repeats,
+            batch_size=args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=args.gradient_accumulation_steps,
+        )
+        checkpoint_path, checkpoint = training.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is not None:  # the checkpoint's seed continues its data order and noise
+            args.seed = training.check_resume(
+                checkpoint_path, checkpoint, flags=vars(args), tokens=tokens, num_processes=accelerator.num_processes
+            )
+        args.seed = cli.resolve_seed(args.seed)  # drawn and logged when not given
+        if args.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        cli.init_trackers(
+            accelerator,
+            "directional_textual_inversion",
+            config=vars(args),
+            validation_prompt=args.validation_prompt,
+            placeholder_token=args.placeholder_token,
+        )
+        hub_repo = None
+        if args.push_to_hub and accelerator.is_main_process:  # made now: a bad token fails before training
+            name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            hub_repo = create_hub_repo(name, token=args.hub_token, private=args.hub_private)
         timer.mark("checks")
 
         # -- 1. Load the models, each straight in the dtype it runs in: the text encoder float32 (the learned rows'
         #       gradient flows through it), the UNet and VAE in the mixed-precision dtype --
-        from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         noise_scheduler = DDPMScheduler.from_pretrained(**model, subfolder="scheduler")
-        text_encoder = CLIPTextModel.from_pretrained(**model, subfolder="text_encoder", variant=args.variant, dtype=torch.float32)
-        vae_dtype = dti.vae_dtype(SimpleNamespace(**AutoencoderKL.load_config(**model, subfolder="vae")), weight_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(
+            **model, subfolder="text_encoder", variant=args.variant, dtype=torch.float32
+        )
+        vae_config = SimpleNamespace(**AutoencoderKL.load_config(**model, subfolder="vae"))
+        vae_dtype = training.vae_dtype(vae_config, weight_dtype)
         vae = AutoencoderKL.from_pretrained(**model, subfolder="vae", variant=args.variant, dtype=vae_dtype)
-        unet = UNet2DConditionModel.from_pretrained(**model, subfolder="unet", variant=args.variant, dtype=weight_dtype)
-        dti.freeze_models(args, accelerator, weight_dtype, unet, vae, [text_encoder])
+        unet = UNet2DConditionModel.from_pretrained(
+            **model, subfolder="unet", variant=args.variant, dtype=weight_dtype
+        )
+        training.freeze_models(
+            unet,
+            vae,
+            [text_encoder],
+            device=accelerator.device,
+            xformers=args.enable_xformers_memory_efficient_attention,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         evaluate = None
         if args.evaluate_steps and accelerator.is_main_process:  # the scoring encoders load only when asked for
-            from evaluate_dti import TrainingEvaluator
-
-            evaluate = TrainingEvaluator(args, images, accelerator.device)
+            evaluate = TrainingEvaluator(
+                args.evaluate_steps,
+                model_ids=encoder_ids(args.evaluation_models),
+                reference_images=[im.image for im in images],
+                prompt=args.validation_prompt,
+                placeholder_token=args.placeholder_token,
+                class_word=args.initializer_token,
+                device=accelerator.device,
+                cache_dir=args.cache_dir,
+            )
         timer.mark("models")
 
-        # -- 2. Add the placeholder tokens and their directional embedding: e = m * v, only v trains --
-        embedding = dti.add_directional_embedding(tokenizer, text_encoder, tokens, init_ids, args.token_scale, classic=args.optimizer == "adamw")
+        # -- 2. Add the placeholder tokens and install their directional embedding in the text encoder: the tokens
+        #       get m * v, only v trains --
+        embedding = add_directional_embedding(
+            tokenizer, text_encoder, tokens, init_ids, token_scale=args.token_scale, classic=args.optimizer == "adamw"
+        )
 
-        # -- 3. Data: every distinct view (each crop position of each image, and its mirror) VAE-encoded once; the prompts
-        #       (templates and captions) tokenized once --
-        res, squash = args.resolution, args.resize_mode == "squash"  # squash: diffusers' one square per image, so one crop position
+        # -- 3. Data: every distinct view (each crop position of each image, and its mirror) VAE-encoded once; the
+        #       prompts (templates and captions) tokenized once --
+        res = args.resolution
+
+        def resize(image):  # squash: diffusers' one square per image, so one crop position
+            if args.resize_mode == "squash":
+                return data_lib.square_view(image.image, res, args.center_crop)
+            return data_lib.resized_shorter_side(image.image, res)
+
         with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
-            resized = list(pool.map(lambda im: dti.square_view(im.image, res, args.center_crop) if squash else dti.resized_shorter_side(im.image, res), images))
-        keys, view_index = dti.build_views(resized, lambda image: dti.crop_positions(image, res, args.center_crop, args.crop_positions), flip=args.flip_p > 0)
-        means, stds = dti.encode_views(vae, keys, lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)), accelerator.device)
-        prompt_ids, caption_rows = dti.training_prompts([tokenizer], images, tokens, args.learnable_property, accelerator.device, args.caption_token)
-        data = dti.TrainingData(means, stds, view_index, prompt_ids, args.repeats, args.flip_p, args.seed,
-                                caption_rows=caption_rows, caption_dropout=args.caption_dropout)
+            resized = list(pool.map(resize, images))
+        keys, view_index = data_lib.build_views(
+            resized,
+            lambda image: data_lib.crop_positions(image, res, args.center_crop, args.crop_positions),
+            flip=args.flip_p > 0,
+        )
+        means, stds = data_lib.encode_views(
+            vae,
+            keys,
+            lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)),
+            accelerator.device,
+        )
+        prompt_ids, caption_rows = data_lib.training_prompts(
+            [tokenizer],
+            images,
+            tokens,
+            learnable_property=args.learnable_property,
+            device=accelerator.device,
+            caption_token=args.caption_token,
+        )
+        data = data_lib.TrainingData(
+            means,
+            stds,
+            view_index,
+            prompt_ids,
+            repeats=args.repeats,
+            flip_p=args.flip_p,
+            seed=args.seed,
+            caption_rows=caption_rows,
+            caption_dropout=args.caption_dropout,
+        )
         timer.mark("latents")
 
-        # -- 4. The optimizer and schedule. DTI: Riemannian SGD on the direction, with the vMF prior toward the
-        #       initializer. Classic TI (--optimizer adamw): AdamW on the free embedding, for comparison. --
+        # -- 4. The optimizer. DTI: Riemannian SGD on the direction, with the vMF prior toward the initializer.
+        #       Classic TI (--optimizer adamw): AdamW on the free embedding, for comparison. --
         params = [embedding.param]
-        lr = dti.scaled_learning_rate(args, accelerator.num_processes)
+        lr = training.scaled_learning_rate(
+            args.learning_rate,
+            scale_lr=args.scale_lr,
+            batch_size=args.train_batch_size,
+            accumulation=args.gradient_accumulation_steps,
+            num_processes=accelerator.num_processes,
+        )
         if args.optimizer == "rsgd":
             optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
         else:  # fused: skips a non-finite step on the device, like RiemannianSGD
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                          eps=args.adam_epsilon, fused=True)
-        # Not prepared by accelerate, so it steps once per optimizer step whatever the number of processes.
-        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                     num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles)
-        optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the gradients are averaged by hand (a few KB)
-        train_unet = dti.unet_for_training(args, unet)
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=lr,
+                betas=(args.adam_beta1, args.adam_beta2),
+                weight_decay=args.adam_weight_decay,
+                eps=args.adam_epsilon,
+                fused=True,
+            )
 
-        # -- 5. Resume: the directions, the optimizer's state and the schedule's position; the flags of this run govern --
+        # -- 5. Resume: the directions and the optimizer's state; the flags of this run govern --
         global_step, history = 0, []
         if checkpoint is not None:
-            global_step, history = dti.restore_training_state(checkpoint_path, checkpoint, [embedding], optimizer, lr_scheduler, accelerator)
+            global_step, history = training.restore_training_state(
+                checkpoint_path, checkpoint, [embedding], optimizer, scaler=accelerator.scaler
+            )
+        # Not prepared by accelerate, so it steps once per optimizer step whatever the number of processes; a resumed
+        # schedule starts at the checkpoint's step.
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+            num_cycles=args.lr_num_cycles,
+            last_epoch=global_step - 1,
+        )
+        optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the gradients are averaged by hand (a few KB)
+        train_unet = unet_for_training(
+            unet,
+            cuda_graphs=args.cuda_graphs,
+            compile=args.compile,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
 
-        def make_pipeline():  # validation renders with the models in memory
-            return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, safety_checker=None, feature_extractor=None,
-                                           scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config), requires_safety_checker=False)
+        # Validation renders with the models in memory. The pipeline class is read from diffusers' lazy module here,
+        # not imported at the top: importing a pipeline makes transformers announce, for image processors these
+        # scripts never use, that torchvision is missing, and the session's filter (quiet_library_notices) is on now.
+        def make_pipeline():
+            return diffusers.StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+
+        def validate(step):
+            return training.log_validation(
+                make_pipeline(),
+                accelerator,
+                prompt=args.validation_prompt,
+                num_images=args.num_validation_images,
+                num_inference_steps=args.num_validation_inference_steps,
+                seed=args.seed,
+                output_dir=args.output_dir,
+                step=step,
+                stop=stop,
+            )
+
+        run_info = {
+            "base_model": args.pretrained_model_name_or_path,
+            "initializer_token": args.initializer_token,
+            "token_scale": args.token_scale,
+            "kappa": repr(args.kappa) if args.optimizer == "rsgd" else "none",
+            "seed": args.seed,
+        }
 
         def save(step, suffix=""):
-            return dti.save_training_embeddings(args.output_dir, args, [embedding], step, suffix)
+            return files.save_training_embeddings(
+                args.output_dir,
+                [embedding],
+                token=args.placeholder_token,
+                run_info=run_info,
+                step=step,
+                suffix=suffix,
+                ext=".bin" if args.no_safe_serialization else ".safetensors",
+            )
 
         def save_checkpoint(step):
-            state = dti.training_state(step, args, [embedding], optimizer, accelerator, history)
-            logger.info(f"Saved {dti.save_checkpoint(args.output_dir, step, state, args.checkpoints_total_limit)}")
+            state = training.training_state(
+                step,
+                seed=args.seed,
+                mode=args.optimizer,
+                flags={**vars(args), "num_processes": accelerator.num_processes},
+                embeddings=[embedding],
+                optimizer=optimizer,
+                scaler=accelerator.scaler,
+                history=history,
+            )
+            logger.info(
+                f"Saved {training.save_checkpoint(args.output_dir, step, state, args.checkpoints_total_limit)}"
+            )
 
         stop.save_on_abort = lambda: save(global_step)  # an error or a second Ctrl-C: keep what was learned so far
 
         # -- 6. The training loop --
         logger.info("***** Running training *****")
-        logger.info(f"  Images = {len(images)} x {args.repeats} repeats ({len(keys)} cached views), batch {args.train_batch_size} per device x {accelerator.num_processes} processes "
-                    f"x {args.gradient_accumulation_steps} accumulation")
-        logger.info(f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, seed = {args.seed}")
-        logger.info(f"  Tokens {embedding.tokens}, norm {'free (classic TI)' if embedding.norm is None else f'{embedding.norm:.6f}'}")
+        logger.info(
+            f"  Images = {len(images)} x {args.repeats} repeats ({len(keys)} cached views), batch "
+            f"{args.train_batch_size} per device x {accelerator.num_processes} processes x "
+            f"{args.gradient_accumulation_steps} accumulation"
+        )
+        logger.info(
+            f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, "
+            f"seed = {args.seed}"
+        )
+        norm = "free (classic TI)" if embedding.norm is None else f"{embedding.norm:.6f}"
+        logger.info(f"  Tokens {embedding.tokens}, norm {norm}")
         startup = timer.report()
-        window = dti.LossWindow(args.log_steps, accelerator.device)
-        progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+        window = training.LossWindow(args.log_steps, accelerator.device)
+        progress = tqdm(
+            range(args.max_train_steps),
+            initial=global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
         accum, rank, world = args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
         validation_images = []
         while global_step < args.max_train_steps:
@@ -157,15 +359,23 @@ def main(args, callback=None):
             for micro in range(accum):
                 micro_step = global_step * accum + micro
                 batch = data.batch(micro_step, args.train_batch_size, world, rank)
-                encoder_hidden_states = text_encoder(batch["input_ids"][0])[0]  # the hook splices in m * v
-                loss = dti.diffusion_loss(train_unet, noise_scheduler, batch, encoder_hidden_states, dti.step_generator(args.seed, micro_step, rank, accelerator.device),
-                                          vae.config, weight_dtype) / accum
+                encoder_hidden_states = text_encoder(batch["input_ids"][0])[0]  # the placeholder rows are m * v
+                loss = data_lib.diffusion_loss(
+                    train_unet,
+                    noise_scheduler,
+                    batch,
+                    encoder_hidden_states,
+                    generator=data_lib.step_generator(args.seed, micro_step, rank, accelerator.device),
+                    vae_config=vae.config,
+                    weight_dtype=weight_dtype,
+                )
+                loss = loss / accum
                 accelerator.backward(loss)
                 step_loss = step_loss + loss.detach()
-            dti.average_gradients(accelerator, params)
-            finite = dti.guard_nonfinite_step(optimizer, step_loss, params)  # skipped on the device if not finite: no sync
-            optimizer.step()  # <- the embedding update: v turns along the sphere and stays unit (rsgd), or e moves freely (adamw)
-            lr_scheduler.step()
+            training.average_gradients(accelerator, params)
+            finite = training.guard_nonfinite_step(optimizer, step_loss, params)  # skipped on the device: no sync
+            optimizer.step()  # <- the embedding update: v turns along the sphere and stays unit (rsgd), or e moves
+            lr_scheduler.step()  #    freely (adamw)
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
@@ -179,17 +389,20 @@ def main(args, callback=None):
                 logs = window.read(global_step, accelerator, [embedding], args.output_dir)
                 logs["lr"] = optimizer.param_groups[0]["lr"]
                 history.append((global_step, logs["loss"], logs["norm"], logs["angle_deg"]))
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", norm=f"{logs['norm']:.4f}", angle=f"{logs['angle_deg']:.2f}deg")
+                progress.set_postfix(
+                    loss=f"{logs['loss']:.4f}", norm=f"{logs['norm']:.4f}", angle=f"{logs['angle_deg']:.2f}deg"
+                )
                 accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
                     save(global_step, suffix=f"-steps-{global_step}")
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(global_step)
-                if args.validation_prompt and (global_step % args.validation_steps == 0 or evaluate and evaluate.due(global_step)) and not last:
-                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
-                    dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
-                    if evaluate and evaluate.due(global_step) and not stop.requested:  # text and subject fidelity to the trackers
+                evaluate_now = evaluate is not None and evaluate.due(global_step)
+                if args.validation_prompt and (global_step % args.validation_steps == 0 or evaluate_now) and not last:
+                    validation_images = validate(global_step) or validation_images
+                    training.log_nearest_tokens(global_step, [embedding], [tokenizer])
+                    if evaluate_now and not stop.requested:  # text and subject fidelity to the trackers
                         evaluate(global_step, validation_images, accelerator)
             if stop.check(accelerator, synced):
                 break
@@ -197,32 +410,59 @@ def main(args, callback=None):
 
         # -- 7. Final files, validation and push --
         accelerator.wait_for_everyone()
-        result = SimpleNamespace(global_step=global_step, embeddings=[embedding], optimizer=optimizer, data=data, history=history, files=[],
-                                 startup=startup, weight_dtype=weight_dtype, unet=unet, exit_code=128 + stop.signum if stop.requested else 0)
+        result = SimpleNamespace(
+            global_step=global_step,
+            embeddings=[embedding],
+            optimizer=optimizer,
+            data=data,
+            history=history,
+            files=[],
+            startup=startup,
+            weight_dtype=weight_dtype,
+            unet=unet,
+            exit_code=128 + stop.signum if stop.requested else 0,
+        )
         if accelerator.is_main_process:
             result.files = save(global_step)
             if not stop.requested:
-                from dti_concepts import plot_training_curves
-
-                plot_training_curves(history, f"{args.output_dir}/training_curves.png")
+                training.plot_training_curves(history, f"{args.output_dir}/training_curves.png")
                 if args.validation_prompt:
-                    validation_images = dti.log_validation(make_pipeline(), args, accelerator, global_step, weight_dtype, stop) or validation_images
+                    validation_images = validate(global_step) or validation_images
             if stop.requested:  # before or during the final validation
                 save_checkpoint(global_step)
-                logger.info(f"Stopped at step {global_step}: embedding and checkpoint-{global_step} saved in {args.output_dir}; "
-                            f"continue with --resume_from_checkpoint latest.")
+                logger.info(
+                    f"Stopped at step {global_step}: embedding and checkpoint-{global_step} saved in "
+                    f"{args.output_dir}; continue with --resume_from_checkpoint latest."
+                )
                 result.exit_code = 128 + stop.signum
                 return result
-            dti.log_nearest_tokens(global_step, [embedding], [tokenizer])
+            training.log_nearest_tokens(global_step, [embedding], [tokenizer])
             if evaluate:
                 evaluate(global_step, validation_images, accelerator)
             if args.save_as_full_pipeline:
-                embedding.fold_into_encoder()
-                StableDiffusionPipeline.from_pretrained(**model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer).save_pretrained(
-                    args.output_dir, safe_serialization=not args.no_safe_serialization)
+                text_encoder.set_input_embeddings(embedding.fold())
+                pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
+                    **model, text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer
+                )
+                pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
             if hub_repo:
-                cli.push_output_to_hub(args, hub_repo, [embedding], validation_images)
-            logger.info(f"Done: {len(tokens)} vector(s) of norm {embedding.vectors().norm(dim=-1).mean().item():.6f} in {result.files[0]}")
+                push_output_to_hub(
+                    args.output_dir,
+                    hub_repo,
+                    hub_token=args.hub_token,
+                    push_checkpoints=args.push_checkpoints,
+                    base_model=args.pretrained_model_name_or_path,
+                    token=args.placeholder_token,
+                    initializer_token=args.initializer_token,
+                    embeddings=[embedding],
+                    image_paths=validation_images,
+                    steps=args.max_train_steps,
+                    validation_prompt=args.validation_prompt,
+                    kappa=args.kappa,
+                    ext=".bin" if args.no_safe_serialization else ".safetensors",
+                )
+            norm = embedding.vectors().norm(dim=-1).mean().item()
+            logger.info(f"Done: {len(tokens)} vector(s) of norm {norm:.6f} in {result.files[0]}")
         return result
 
 

@@ -27,10 +27,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tools")]
 
 from benchmark_training import build_pipeline, make_images  # noqa: E402
+
 
 SCRIPTS = {"sd15": "train_directional_textual_inversion.py", "sdxl": "train_directional_textual_inversion_sdxl.py"}
 CAPTURED = "Captured the UNet's training forward and backward as CUDA graphs"
@@ -60,7 +62,8 @@ class Checks:
 
 
 def vocabulary_mean_norm(pipeline, encoder):
-    """The mean L2 norm of the encoder's non-zero vocabulary rows, read from its weight file (not through dti_utils)."""
+    """The mean L2 norm of the encoder's non-zero vocabulary rows, read from its weight file (not through
+    dti_utils)."""
     weights = {}
     for path in glob.glob(os.path.join(pipeline, encoder, "*.safetensors")):
         weights.update(load_file(path))
@@ -70,39 +73,77 @@ def vocabulary_mean_norm(pipeline, encoder):
 
 
 def train(model, pipeline, images, out, *flags):
-    argv = [sys.executable, os.path.join(ROOT, SCRIPTS[model]), "--pretrained_model_name_or_path", pipeline, "--train_data_dir", images,
-            "--output_dir", out, "--placeholder_token", "<dti>", "--initializer_token", "toy", "--seed", "0", "--report_to", "none",
-            "--num_validation_images", "2", "--save_steps", "100000", *map(str, flags)]
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, SCRIPTS[model]),
+        "--pretrained_model_name_or_path",
+        pipeline,
+        "--train_data_dir",
+        images,
+        "--output_dir",
+        out,
+        "--placeholder_token",
+        "<dti>",
+        "--initializer_token",
+        "toy",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--num_validation_images",
+        "2",
+        "--save_steps",
+        "100000",
+        *map(str, flags),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     return proc, time.perf_counter() - start
 
 
 def check_run(checks, name, proc, seconds, model, pipeline, out, cuda, validations):
-    if not checks(proc.returncode == 0 and "Traceback" not in proc.stderr, f"{name}: exit 0 without a traceback ({seconds:.0f} s)"):
+    if not checks(
+        proc.returncode == 0 and "Traceback" not in proc.stderr,
+        f"{name}: exit 0 without a traceback ({seconds:.0f} s)",
+    ):
         print(proc.stderr[-4000:])
         return None
     if cuda:
-        checks(proc.stderr.count(CAPTURED) == 1 and "training eagerly" not in proc.stderr, f"{name}: the UNet was captured once as CUDA graphs")
+        checks(
+            proc.stderr.count(CAPTURED) == 1 and "training eagerly" not in proc.stderr,
+            f"{name}: the UNet was captured once as CUDA graphs",
+        )
         checks("AccumulateGrad" not in proc.stderr, f"{name}: no AccumulateGrad stream warning")
     vectors = []
-    for stem, encoder in (("learned_embeds", "text_encoder"), ("learned_embeds_2", "text_encoder_2"))[: 2 if model == "sdxl" else 1]:
+    for stem, encoder in (("learned_embeds", "text_encoder"), ("learned_embeds_2", "text_encoder_2"))[
+        : 2 if model == "sdxl" else 1
+    ]:
         v = load_file(os.path.join(out, f"{stem}.safetensors"))["<dti>"]
         m = vocabulary_mean_norm(pipeline, encoder)
-        checks(bool(torch.isfinite(v).all()) and torch.allclose(v.double().norm(dim=-1), torch.tensor(m, dtype=torch.float64), rtol=1e-5),
-               f"{name}: {encoder} vectors at the vocabulary mean norm {m:.4f}")
+        checks(
+            bool(torch.isfinite(v).all())
+            and torch.allclose(v.double().norm(dim=-1), torch.tensor(m, dtype=torch.float64), rtol=1e-5),
+            f"{name}: {encoder} vectors at the vocabulary mean norm {m:.4f}",
+        )
         vectors.append(v)
     pictures = sorted(glob.glob(os.path.join(out, "validation", "*.png")))
     stats = [(float(np.asarray(Image.open(p)).std()), int(np.asarray(Image.open(p)).max())) for p in pictures]
-    checks(len(pictures) == 2 * validations and all(std > 1.0 and top > 0 for std, top in stats),
-           f"{name}: {len(pictures)} validation images, none black or flat (std {min((s for s, _ in stats), default=0):.1f} and up)")
+    checks(
+        len(pictures) == 2 * validations and all(std > 1.0 and top > 0 for std, top in stats),
+        f"{name}: {len(pictures)} validation images, none black or flat (std "
+        f"{min((s for s, _ in stats), default=0):.1f} and up)",
+    )
     return vectors
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for the runs' outputs.")
-    parser.add_argument("--workdir", default=None, help="Where the random pipelines and images are written (shared with the benchmark).")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="Where the random pipelines and images are written (shared with the benchmark).",
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny pipelines on the CPU: every check but the capture.")
     parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     args = parser.parse_args(argv)
@@ -118,30 +159,80 @@ def main(argv=None):
         size = ["--resolution", resolution, "--num_validation_inference_steps", 2 if args.tiny else 10]
         if model == "sd15":
             steps = 4 if args.tiny else 20
-            common = [*size, "--mixed_precision", "fp16", "--train_batch_size", 4, "--validation_prompt", "a photo of <dti>",
-                      "--validation_steps", steps // 2, "--checkpointing_steps", steps // 2]
+            common = [
+                *size,
+                "--mixed_precision",
+                "fp16",
+                "--train_batch_size",
+                4,
+                "--validation_prompt",
+                "a photo of <dti>",
+                "--validation_steps",
+                steps // 2,
+                "--checkpointing_steps",
+                steps // 2,
+            ]
             full, half = os.path.join(args.out, "sd15-full"), os.path.join(args.out, "sd15-resumed")
             proc, seconds = train(model, pipeline, images, full, *common, "--max_train_steps", steps)
             uninterrupted = check_run(checks, "sd15 fp16", proc, seconds, model, pipeline, full, cuda, validations=2)
             proc, seconds = train(model, pipeline, images, half, *common, "--max_train_steps", steps // 2)
             check_run(checks, "sd15 fp16, first half", proc, seconds, model, pipeline, half, cuda, validations=1)
-            proc, seconds = train(model, pipeline, images, half, *common, "--max_train_steps", steps, "--resume_from_checkpoint", "latest")
-            resumed = check_run(checks, "sd15 fp16, resumed", proc, seconds, model, pipeline, half, cuda, validations=2)
+            proc, seconds = train(
+                model,
+                pipeline,
+                images,
+                half,
+                *common,
+                "--max_train_steps",
+                steps,
+                "--resume_from_checkpoint",
+                "latest",
+            )
+            resumed = check_run(
+                checks, "sd15 fp16, resumed", proc, seconds, model, pipeline, half, cuda, validations=2
+            )
             if uninterrupted and resumed:
-                degrees = float(torch.rad2deg(torch.arccos(torch.nn.functional.cosine_similarity(uninterrupted[0], resumed[0]).clamp(-1, 1))).max())
+                degrees = float(
+                    torch.rad2deg(
+                        torch.arccos(torch.nn.functional.cosine_similarity(uninterrupted[0], resumed[0]).clamp(-1, 1))
+                    ).max()
+                )
                 limit = resume_limit_degrees("fp16")
-                checks(degrees <= limit, f"sd15 fp16: the resumed run ends {degrees:.4f} degrees from the uninterrupted one (limit {limit:.3f})",
-                       name="sd15 fp16 resume", value=degrees, limit=limit)
+                checks(
+                    degrees <= limit,
+                    f"sd15 fp16: the resumed run ends {degrees:.4f} degrees from the uninterrupted one (limit "
+                    f"{limit:.3f})",
+                    name="sd15 fp16 resume",
+                    value=degrees,
+                    limit=limit,
+                )
         else:
             steps = 2 if args.tiny else 10
             for precision in ("bf16", "fp16"):
                 out = os.path.join(args.out, f"sdxl-{precision}")
-                proc, seconds = train(model, pipeline, images, out, *size, "--mixed_precision", precision, "--train_batch_size", 1,
-                                      "--max_train_steps", steps, "--validation_prompt", "a photo of <dti>", "--validation_steps", 100000)
+                proc, seconds = train(
+                    model,
+                    pipeline,
+                    images,
+                    out,
+                    *size,
+                    "--mixed_precision",
+                    precision,
+                    "--train_batch_size",
+                    1,
+                    "--max_train_steps",
+                    steps,
+                    "--validation_prompt",
+                    "a photo of <dti>",
+                    "--validation_steps",
+                    100000,
+                )
                 check_run(checks, f"sdxl {precision}", proc, seconds, model, pipeline, out, cuda, validations=1)
     print(f"{checks.failures} check(s) failed" if checks.failures else "all checks passed")
     with open(os.path.join(args.out, "checks.json"), "w") as f:
-        json.dump({"tiny": args.tiny, "cuda": cuda, "failures": checks.failures, "checks": checks.results}, f, indent=2)
+        json.dump(
+            {"tiny": args.tiny, "cuda": cuda, "failures": checks.failures, "checks": checks.results}, f, indent=2
+        )
     return checks.failures
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+
 # Words that tokenize to a single token in the tiny vocabulary (initializers, template words).
 WORDS = (
     "a an the of in on at with and by for photo picture rendering cropped dark bright clean dirty close-up "
@@ -29,7 +30,9 @@ def tiny_clip_tokenizer(model_max_length=77):
     from transformers import CLIPTokenizer
 
     # The printable characters of byte-level BPE: CLIP's pre-tokenizer maps every byte to one of these.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     vocab_list = chars + [c + "</w>" for c in chars]
     merges = []
@@ -69,15 +72,15 @@ def tiny_text_encoder(vocab_size, hidden_size=32, projection=False, eos_token_id
 
 
 # The UNet layout both tiny pipelines share; SDXL adds its text-time conditioning on top.
-TINY_UNET = dict(
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-)
+TINY_UNET = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
 
 
 def tiny_vae(seed=0):
@@ -109,10 +112,18 @@ def make_tiny_sd(output_dir, seed=0):
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(output_dir)
     return output_dir
@@ -128,7 +139,9 @@ def make_tiny_sdxl(output_dir, seed=0, eos_token_id_2=2):
     tokenizer = tiny_clip_tokenizer()
     tokenizer_2 = tiny_clip_tokenizer()
     text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=32, seed=seed)
-    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), hidden_size=64, projection=True, eos_token_id=eos_token_id_2, seed=seed + 1)
+    text_encoder_2 = tiny_text_encoder(
+        len(tokenizer_2), hidden_size=64, projection=True, eos_token_id=eos_token_id_2, seed=seed + 1
+    )
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         **TINY_UNET,
@@ -141,10 +154,22 @@ def make_tiny_sdxl(output_dir, seed=0, eos_token_id_2=2):
         cross_attention_dim=32 + 64,
         norm_num_groups=4,
     )
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
+        unet=unet,
+        vae=tiny_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(output_dir)
     return output_dir
@@ -158,19 +183,27 @@ def make_tiny_clip(output_dir, seed=0, image_size=32):
 
     tokenizer = tiny_clip_tokenizer()
     vocab = len(tokenizer)
-    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    config = CLIPConfig(text_config=dict(tower, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-                        vision_config=dict(tower, image_size=image_size, patch_size=8), projection_dim=16)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config=dict(
+            tower, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1
+        ),
+        vision_config=dict(tower, image_size=image_size, patch_size=8),
+        projection_dim=16,
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(output_dir)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(output_dir)
     return output_dir
 
 
 def tiny_unigram_tokenizer(model_max_length=16):
-    """A Unigram tokenizer with SentencePiece's "▁" word marks, lower case, "</s>" at the end and as padding: the form
-    of SigLIP's tokenizer, built with `tokenizers` alone (SigLIP's own needs sentencepiece and a trained model file)."""
+    """A Unigram tokenizer with SentencePiece's "▁" word marks, lower case, "</s>" at the end and as padding: the
+    form of SigLIP's tokenizer, built with `tokenizers` alone (SigLIP's own needs sentencepiece and a trained model
+    file)."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -183,7 +216,13 @@ def tiny_unigram_tokenizer(model_max_length=16):
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="</s>", eos_token="</s>", unk_token="<unk>", model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
 
 
 def make_tiny_siglip(output_dir, seed=0, image_size=32):
@@ -192,26 +231,49 @@ def make_tiny_siglip(output_dir, seed=0, image_size=32):
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tokenizer = tiny_unigram_tokenizer()
-    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    config = SiglipConfig(text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, projection_size=32,
-                                           bos_token_id=None, eos_token_id=1, pad_token_id=1),
-                          vision_config=dict(tower, image_size=image_size, patch_size=8))
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = SiglipConfig(
+        text_config=dict(
+            tower,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_size=32,
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(tower, image_size=image_size, patch_size=8),
+    )
     torch.manual_seed(seed)
     SiglipModel(config).save_pretrained(output_dir)
-    SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer).save_pretrained(output_dir)
+    SiglipProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
+    ).save_pretrained(output_dir)
     return output_dir
 
 
 def make_tiny_dinov2(output_dir, seed=0, image_size=32):
-    """A tiny random Dinov2Model with DINOv2's image processor (BitImageProcessor, the PIL one, ImageNet statistics)."""
+    """A tiny random Dinov2Model with DINOv2's image processor (BitImageProcessor, the PIL one, ImageNet
+    statistics)."""
     from transformers import Dinov2Config, Dinov2Model
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=image_size, patch_size=8)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=image_size,
+        patch_size=8,
+    )
     Dinov2Model(config).save_pretrained(output_dir)
-    BitImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},  # ImageNet statistics, as facebook/dinov2-*
-                         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(output_dir)
+    BitImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},  # ImageNet statistics, as facebook/dinov2-*
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(output_dir)
     return output_dir
 
 
@@ -242,7 +304,11 @@ def main():
     parser.add_argument("--output", required=True, help="Folder for the pipeline.")
     parser.add_argument("--sdxl", action="store_true", help="Build a tiny SDXL pipeline instead of SD.")
     parser.add_argument("--images", default=None, help="Also write example images to this folder.")
-    parser.add_argument("--encoders", default=None, help="Also write tiny CLIP, SigLIP and DINOv2 models (evaluate_dti.py's scorers) to this folder.")
+    parser.add_argument(
+        "--encoders",
+        default=None,
+        help="Also write tiny CLIP, SigLIP and DINOv2 models (evaluate_dti.py's scorers) to this folder.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.sdxl:

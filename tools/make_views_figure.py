@@ -10,6 +10,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dti_utils  # noqa: E402
 
@@ -20,7 +21,10 @@ def example_photo(width=600, height=400):
     draw = ImageDraw.Draw(image)
     for y in range(height):  # wall, then table
         shade = 225 - y // 6 if y < height * 0.62 else 150 - (y - height) // 8
-        draw.line([(0, y), (width, y)], fill=(shade, shade - 12, shade - 30) if y >= height * 0.62 else (shade - 20, shade - 10, shade))
+        draw.line(
+            [(0, y), (width, y)],
+            fill=(shade, shade - 12, shade - 30) if y >= height * 0.62 else (shade - 20, shade - 10, shade),
+        )
     cx, cy, r = 250, 220, 110
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(220, 70, 60), outline=(90, 20, 20), width=4)
     draw.ellipse([cx - r, cy - 18, cx + r, cy + 18], fill=(245, 215, 80))  # a stripe round the ball
@@ -45,8 +49,13 @@ def figure(photo, resolution=512, positions=8, tile=128):
     draw.text((x, pad), "--resize_mode squash (diffusers): the ball is squashed", fill="black", font=font)
     canvas.paste(squashed.resize((2 * tile, 2 * tile)), (x, pad + label))
     y = pad + label + 2 * tile + pad
-    draw.text((pad, y), f"default: shorter side to {resolution}, {positions} square crops along the longer side (one drawn per sample); "
-                        f"aspect kept", fill="black", font=font)
+    draw.text(
+        (pad, y),
+        f"default: shorter side to {resolution}, {positions} square crops along the longer side (one drawn per "
+        "sample); aspect kept",
+        fill="black",
+        font=font,
+    )
     for i, crop in enumerate(crops):
         canvas.paste(crop.resize((tile, tile)), (pad + i * (tile + 8), y + label))
     return canvas

@@ -1,0 +1,255 @@
+"""The Hub: the repository made at the start of a run, the model card in diffusers' conventions, the upload.
+
+The card says how the embedding was made and how to load it: a complete diffusers snippet (one call per encoder for
+SDXL, or from the single file) and the file name and prompt word for AUTOMATIC1111, ComfyUI and kohya.
+"""
+
+import json
+import os
+import re
+
+from dti_files import atomic_write, embedding_slug
+from dti_utils import DTIError, logger
+
+
+__all__ = ["create_hub_repo", "base_model_license", "loading_snippet", "write_model_card", "push_output_to_hub"]
+
+
+def create_hub_repo(name, *, token=None, private=False):
+    """Create (or reuse) the Hub repository at the start of the run: a bad token or name fails before training."""
+    from huggingface_hub import create_repo
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return create_repo(name, exist_ok=True, token=token, private=private).repo_id
+    except (HfHubHTTPError, HFValidationError, OSError, ValueError) as e:
+        raise DTIError(
+            f"Could not create the Hub repository {name!r} ({type(e).__name__}: {e}); log in with `hf auth login` or "
+            "pass --hub_token, or drop --push_to_hub."
+        ) from e
+
+
+# The licenses of the standard bases, for when their card cannot be read (offline, gated).
+KNOWN_LICENSES = {
+    **dict.fromkeys(
+        (
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "runwayml/stable-diffusion-v1-5",
+            "CompVis/stable-diffusion-v1-4",
+        ),
+        "creativeml-openrail-m",
+    ),
+    **dict.fromkeys(
+        (
+            "stabilityai/stable-diffusion-2",
+            "stabilityai/stable-diffusion-2-base",
+            "stabilityai/stable-diffusion-2-1",
+            "stabilityai/stable-diffusion-2-1-base",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+        ),
+        "openrail++",
+    ),
+}
+
+
+def base_model_license(base_model, token=None):
+    """{license[, license_name, license_link]} from the base model's card (local folder or Hub), else from
+    KNOWN_LICENSES; {} when unknown."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        local = os.path.join(base_model, "README.md")
+        data = ModelCard.load(local if os.path.isfile(local) else base_model, token=token).data
+        if data.license:
+            return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
+    except (HfHubHTTPError, HFValidationError, OSError, ValueError):  # offline, gated, no card: the table decides
+        pass
+    return {"license": KNOWN_LICENSES[base_model]} if base_model in KNOWN_LICENSES else {}
+
+
+ENCODER_PAIRS = (  # (file stem, single-file key, pipeline encoder, pipeline tokenizer)
+    ("learned_embeds", "clip_l", "text_encoder", "tokenizer"),
+    ("learned_embeds_2", "clip_g", "text_encoder_2", "tokenizer_2"),
+)
+
+
+def loading_snippet(
+    repo_id, base_model, placeholder_token, sdxl=False, prompt=None, ext=".safetensors", single_file=None
+):
+    """A complete Python block: load the base pipeline, then the embedding from repo_id (SDXL: one call per encoder,
+    or with single_file=NAME from the {"clip_l", "clip_g"} file), then render the prompt. Literals go through
+    json.dumps, which writes valid Python strings whatever the prompt holds."""
+    q, cls = json.dumps, "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    imports = ["import torch", f"from diffusers import {cls}"]
+    token = q(placeholder_token)
+    if single_file:
+        imports.append("from huggingface_hub import hf_hub_download")
+        imports += [] if ext == ".bin" else ["from safetensors.torch import load_file"]
+        path = f"hf_hub_download({q(repo_id)}, {q(single_file)})"
+        load = [f"state = torch.load({path}, weights_only=True)" if ext == ".bin" else f"state = load_file({path})"]
+        load += [
+            f'pipe.load_textual_inversion(state["{key}"], token={token}, '
+            f"text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
+            for _, key, enc, tok in ENCODER_PAIRS
+        ]
+    elif sdxl:
+        load = [
+            f'pipe.load_textual_inversion({q(repo_id)}, weight_name="{stem}{ext}", token={token}, '
+            f"text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
+            for stem, _, enc, tok in ENCODER_PAIRS
+        ]
+    else:
+        load = [f"pipe.load_textual_inversion({q(repo_id)})"]
+    code = [
+        *imports,
+        "",
+        f'pipe = {cls}.from_pretrained({q(base_model)}, dtype=torch.float16).to("cuda")',
+        *load,
+        f"image = pipe({q(prompt or f'a photo of {placeholder_token}')}).images[0]",
+    ]
+    return "```python\n" + "\n".join(code) + "\n```"
+
+
+def _card_sections(
+    repo_id,
+    *,
+    base_model,
+    token,
+    initializer_token,
+    embeddings,
+    image_paths,
+    output_dir,
+    steps,
+    validation_prompt,
+    kappa,
+    ext,
+    sdxl,
+    license,
+):
+    dti = embeddings[0].norm is not None
+    stem = embedding_slug(token, file_stem=True)
+    method = "Directional Textual Inversion (DTI)" if dti else "classic textual inversion (AdamW, free norm)"
+    about = ""
+    if dti:
+        norms = ", ".join(f"{e.name}: {e.norm:.4f}" for e in embeddings)
+        about = (
+            f" DTI keeps each vector at a fixed in-distribution norm ({norms}) and learns its direction on the sphere "
+            f"(kappa {kappa}), so the token keeps following the rest of the prompt. See "
+            "[Directional Textual Inversion](https://arxiv.org/abs/2512.13672)."
+        )
+    images = "\n".join(f"![validation image {i}]({os.path.relpath(p, output_dir)})" for i, p in enumerate(image_paths))
+    sections = [
+        f"# `{token}`: {method} on {base_model}",
+        f"The token `{token}` ({len(embeddings[0].tokens)} vector(s), initialized from `{initializer_token}`) was "
+        f"learned with {method} for {steps} steps.{about}",
+        images or "No validation images were made (pass --validation_prompt).",
+        "## Use it with diffusers",
+        loading_snippet(repo_id, base_model, token, sdxl, validation_prompt, ext),
+    ]
+    if sdxl:
+        sections += [
+            f"Or from the single file `{stem}{ext}`, which holds both encoders' vectors:",
+            loading_snippet(repo_id, base_model, token, sdxl, validation_prompt, ext, single_file=stem + ext),
+        ]
+    where = "Put" if sdxl else f"Save `learned_embeds{ext}` as"
+    ui = (
+        f"{where} `{stem}{ext}` in the embeddings folder and write `{stem}` in the prompt (ComfyUI: "
+        f"`embedding:{stem}`; kohya: `--textual_inversion_embeddings {stem}{ext}`)."
+    )
+    if sdxl:
+        ui += f" Not `learned_embeds{ext}` or `learned_embeds_2{ext}`: each holds one text encoder's vectors only."
+    sections += ["## AUTOMATIC1111, ComfyUI, kohya", ui]
+    if not license:
+        sections.append(
+            f"The license of the base model `{base_model}` could not be read, so this card says `other`: check it "
+            "before use."
+        )
+    return sections
+
+
+def write_model_card(
+    output_dir,
+    repo_id,
+    *,
+    base_model,
+    token,
+    initializer_token,
+    embeddings,
+    image_paths,
+    steps,
+    validation_prompt=None,
+    kappa=None,
+    ext=".safetensors",
+    sdxl=False,
+    license=None,
+    hub_token=None,
+):
+    """README.md in diffusers' conventions (load_or_create_model_card + populate_model_card): an existing card of
+    repo_id is kept, with the tags added; a new one gets the base model's license, base_model (a Hub id only), the
+    validation images and snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    license = license or {}
+    hub_base = (
+        None if os.path.exists(base_model) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) else base_model
+    )
+    sections = _card_sections(
+        repo_id,
+        base_model=base_model,
+        token=token,
+        initializer_token=initializer_token,
+        embeddings=embeddings,
+        image_paths=image_paths,
+        output_dir=output_dir,
+        steps=steps,
+        validation_prompt=validation_prompt,
+        kappa=kappa,
+        ext=ext,
+        sdxl=sdxl,
+        license=license,
+    )
+    card = load_or_create_model_card(
+        repo_id,
+        token=hub_token,
+        from_training=True,
+        model_description="\n\n".join(sections),
+        base_model=hub_base,
+        license=license.get("license", "other"),
+        inference=True,
+    )
+    for key in ("license_name", "license_link"):  # the base's own terms, for a card that says `other`
+        if card.data.license == "other" and key in license and getattr(card.data, key, None) is None:
+            setattr(card.data, key, license[key])
+    family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
+    tags = ["text-to-image", "diffusers", "diffusers-training", family, f"{family}-diffusers", "textual_inversion"]
+    tags += ["directional-textual-inversion"] if embeddings[0].norm is not None else []
+    populate_model_card(card, tags=[t for t in tags if t not in (card.data.tags or [])])
+    return atomic_write(os.path.join(output_dir, "README.md"), card.save)
+
+
+def push_output_to_hub(output_dir, repo_id, *, hub_token=None, push_checkpoints=False, **card):
+    """Write the model card (write_model_card's keyword arguments in `card`) and upload the output folder: the
+    embeddings, validation images and the card; checkpoints only with push_checkpoints."""
+    from huggingface_hub import upload_folder
+    from huggingface_hub.errors import HfHubHTTPError
+
+    base = card["base_model"]
+    license = base_model_license(base, hub_token)
+    write_model_card(output_dir, repo_id, hub_token=hub_token, license=license, **card)
+    ignore = ["logs/*", "logs/**", ".tmp-*", "*/.tmp-*"]
+    ignore += [] if push_checkpoints else ["checkpoint-*", "checkpoint-*/*"]
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message="Upload textual inversion embedding",
+            ignore_patterns=ignore,
+            token=hub_token,
+        )
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise DTIError(
+            f"Upload to {repo_id} failed ({type(e).__name__}: {e}); the output in {output_dir} is complete. Retry "
+            f"with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*/*' 'logs/*'"
+        ) from e
+    logger.info(f"Uploaded to https://huggingface.co/{repo_id}")

@@ -1,0 +1,626 @@
+"""The training mechanics both training scripts call around their loop, each written once.
+
+The loop itself (micro-batches, backward, `optimizer.step()`, schedule, logging, checkpoints, validation) is written
+out in each script; this module holds the pieces it calls: the run's session (accelerator, trackers, stop signals,
+start-up timing), the sync-free loss window and the guard that skips a non-finite step on the device, the number of
+steps and the learning rate, checkpoints (kilobytes, exact resume), validation images and the training curves.
+"""
+
+import contextlib
+import glob
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from dti_files import atomic_write
+from dti_utils import DTIError, DTIWarning, logger
+
+
+__all__ = [
+    # the session
+    "quiet_library_notices",
+    "training_session",
+    "StopSignals",
+    "StartupTimer",
+    "process_start_time",
+    # steps, learning rate and models
+    "max_train_steps",
+    "scaled_learning_rate",
+    "vae_dtype",
+    "freeze_models",
+    # the step
+    "LossWindow",
+    "guard_nonfinite_step",
+    "average_gradients",
+    # checkpoints
+    "CHECKPOINT_FILE",
+    "list_checkpoints",
+    "load_checkpoint",
+    "find_checkpoint",
+    "check_resume",
+    "training_state",
+    "restore_training_state",
+    "save_checkpoint",
+    # validation and curves
+    "log_validation",
+    "decode_latents",
+    "log_nearest_tokens",
+    "plot_training_curves",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The session: accelerator, trackers, stop signals, start-up timing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _no_torchvision_notice(record):
+    return "requires torchvision" not in record.getMessage()
+
+
+def quiet_library_notices():
+    """Silence notices that are noise for this program: transformers announcing, at every start, that its image
+    processors fall back to PIL where torchvision is missing (the scripts use none). One filter however often
+    called."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_no_torchvision_notice)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the run to stop: the loop saves and exits at the next step boundary (a validation stops at
+    its next denoising step). A second signal raises KeyboardInterrupt at once; the session still saves the
+    embedding (kilobytes, milliseconds) on the way out."""
+
+    def __init__(self, is_main_process=True):
+        self.signum, self.is_main_process, self.save_on_abort, self._previous = None, is_main_process, None, {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.is_main_process:  # every process of a torchrun job gets the signal; one line is enough
+            print(
+                f"\nReceived {signal.Signals(signum).name}: saving the embedding and a checkpoint, then stopping "
+                "(again to stop at once).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def check(self, accelerator, synced):
+        """Whether to stop now: at once in one process; with several, where they all meet (`synced`), through
+        accelerate's trigger, so that every process stops at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if not synced:
+            return False
+        if self.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def training_session(*, output_dir, logging_dir, mixed_precision, report_to):
+    """One run's accelerator, logging and stop signals, torn down on every exit path: on an error or a second
+    Ctrl-C the embedding is saved first (StopSignals.save_on_abort), then the trackers are closed. Yields
+    (accelerator, stop)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    quiet_library_notices()
+    # Under torchrun/accelerate launch on a machine without a GPU, accelerate forms a gloo group only with cpu=True.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=launched and not has_accelerator,
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, logging_dir)),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    stop = StopSignals(accelerator.is_main_process)
+    try:
+        with logging_redirect_tqdm(), stop:  # log lines never glue to the progress bar
+            try:
+                yield accelerator, stop
+            except BaseException:
+                if stop.save_on_abort is not None and accelerator.is_main_process:
+                    with contextlib.suppress(DTIError, OSError):
+                        print(f"The embedding so far is saved: {', '.join(stop.save_on_abort())}", file=sys.stderr)
+                raise
+    finally:
+        accelerator.end_training()  # closes the trackers
+
+
+def process_start_time():
+    """When this process started, on time.time()'s clock, from the OS (Linux: /proc); None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class StartupTimer:
+    """Where the time goes before the first step: `mark(phase)` closes a phase, `report()` logs them on one line.
+    The first phase, "imports", runs from the process's start (read from the OS) to the timer's creation at the top
+    of main(); where the OS does not tell, it is left out."""
+
+    def __init__(self):
+        now, started = time.time(), process_start_time()
+        self.started = started if started is not None and started <= now else now
+        self.last = now
+        self.phases = {"imports": now - self.started} if started is not None else {}
+
+    def mark(self, phase):
+        now = time.time()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def report(self):
+        now = time.time()
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        logger.info(f"Start-up: {phases}; {now - self.started:.1f} s to the first step")
+        return dict(self.phases, total=now - self.started, at=time.perf_counter())  # at: for timing the first step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps, learning rate and models
+# ----------------------------------------------------------------------------------------------------
+
+
+def max_train_steps(
+    *, max_train_steps, num_train_epochs, num_images, repeats, batch_size, num_processes, accumulation
+):
+    """--max_train_steps; else --num_train_epochs whole epochs of optimizer steps; else the recipe's 400."""
+    if max_train_steps is not None:
+        return max_train_steps
+    if not num_train_epochs:
+        return 400
+    micro_steps = math.ceil(num_images * repeats / (batch_size * num_processes))
+    return num_train_epochs * math.ceil(micro_steps / accumulation)
+
+
+def scaled_learning_rate(learning_rate, *, scale_lr, batch_size, accumulation, num_processes):
+    """The learning rate, times batch x accumulation x processes with --scale_lr (for rsgd: the step's angle in
+    radians)."""
+    return learning_rate * accumulation * batch_size * num_processes if scale_lr else learning_rate
+
+
+def vae_dtype(vae_config, weight_dtype):
+    """The VAE's dtype: float32 where its config asks for it under fp16 (the SDXL VAE overflows in fp16)."""
+    return (
+        torch.float32 if weight_dtype == torch.float16 and getattr(vae_config, "force_upcast", False) else weight_dtype
+    )
+
+
+def freeze_models(unet, vae, text_encoders, *, device, xformers=False, gradient_checkpointing=False):
+    """Freeze the models and move them to the device. The scripts load each in the dtype it runs in: the text
+    encoders float32 (the learned rows' gradient passes through them), the UNet in the mixed-precision dtype, the
+    VAE too unless its config asks for float32 (force_upcast)."""
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False).eval().to(device)
+    if xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step: the sync-free loss window, non-finite steps skipped on the device, gradients across processes
+# ----------------------------------------------------------------------------------------------------
+
+NONFINITE_PATIENCE = 20  # consecutive non-finite steps before the run stops
+
+
+class LossWindow:
+    """The step losses summed on the device and read back every `every` steps (or at `last`), one sync per read,
+    averaged over processes with each embedding's norm and angle from its initializer. Non-finite steps are counted
+    on the device; `patience` of them in a row stop the run with a DTIError."""
+
+    def __init__(self, every, device, patience=NONFINITE_PATIENCE):
+        self.every, self.patience, self.zero = every, patience, torch.zeros((), device=device)
+        self.consecutive_bad = 0
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum, self.nonfinite, self.size = self.zero.clone(), self.zero.clone(), 0
+
+    def add(self, loss, finite):
+        self.loss_sum = self.loss_sum + torch.where(finite, loss, self.zero)
+        self.nonfinite = self.nonfinite + (~finite).float()
+        self.size += 1
+
+    def due(self, last=False):
+        return self.size >= self.every or (last and self.size > 0)
+
+    def read(self, step, accelerator, embeddings, output_dir):
+        """{loss, norm, angle_deg (and norm_2, angle_deg_2 for a second encoder)}: the window's figures."""
+        figures = torch.stack([self.loss_sum, self.nonfinite, *(x for e in embeddings for x in e.stats())])
+        if accelerator.num_processes > 1:
+            figures = accelerator.reduce(figures, reduction="mean")
+        values = figures.tolist()
+        bad, size = round(values[1]), self.size
+        self._reset()
+        self.consecutive_bad = self.consecutive_bad + bad if bad == size else bad
+        if bad:
+            logger.warning(f"Skipped {bad} of the last {size} steps: the loss or a gradient was not finite.")
+        if self.consecutive_bad >= self.patience:
+            raise DTIError(
+                f"The loss was not finite for {self.consecutive_bad} steps in a row (at step {step}); the last good "
+                f"embedding is saved in {output_dir}. Try --mixed_precision bf16 or no, or a lower --learning_rate."
+            )
+        logs = {"loss": values[0] / (size - bad) if bad < size else float("nan")}
+        for i in range(len(embeddings)):
+            suffix = "" if i == 0 else f"_{i + 1}"
+            logs[f"norm{suffix}"], logs[f"angle_deg{suffix}"] = values[2 + 2 * i], math.degrees(values[3 + 2 * i])
+        return logs
+
+
+def guard_nonfinite_step(optimizer, loss, params):
+    """Make the coming optimizer.step() skip itself when the loss or a gradient is not finite, decided on the device:
+    RiemannianSGD and fused AdamW read `found_inf` (the contract of torch's fused optimizers). Under fp16 loss
+    scaling the GradScaler sets found_inf itself (an overflow calibrates the scale and is not a bad step).
+    Returns the device flag `finite`."""
+    if getattr(optimizer, "scaler", None) is not None:
+        return torch.isfinite(loss)
+    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    finite = torch.stack([torch.isfinite(loss), *grads]).all()
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = (~finite).float()
+    elif not finite.item():  # an optimizer without that contract: skip on the host
+        for p in params:
+            p.grad = None
+    return finite
+
+
+def average_gradients(accelerator, params):
+    """Average the trainable vectors' gradients (a few KB) across processes: every rank then takes the same step."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: kilobytes (directions, optimizer state, step, seed, flags, history), written atomically
+# ----------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "training_state.pt"
+CHECKPOINT_FORMAT = "dti-checkpoint-2"
+FIXED_FLAGS = ("placeholder_token", "initializer_token", "num_vectors", "optimizer")  # the state means nothing else
+REPORTED_FLAGS = (
+    "learning_rate",
+    "scale_lr",
+    "kappa",
+    "rsgd_beta",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "num_processes",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "token_scale",
+    "max_train_steps",
+    "mixed_precision",
+    "pretrained_model_name_or_path",
+)
+
+
+def list_checkpoints(output_dir):
+    """checkpoint-N folders under output_dir that hold a state file, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*")):
+        suffix = os.path.basename(path).split("-", 1)[1]
+        if suffix.isdigit() and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path):
+    """The state dict of checkpoint folder `path`, read weights-only; a DTIError naming it when it cannot be used."""
+    import pickle
+
+    try:
+        state = torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise DTIError(
+            f"Checkpoint {path} cannot be read ({type(e).__name__}): the file is damaged or not a DTI checkpoint; "
+            "resume from another checkpoint-N or start a new --output_dir."
+        ) from e
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("dti-checkpoint-"):
+        raise DTIError(
+            f"Checkpoint {path} is not a DTI checkpoint; resume from another checkpoint-N or start a new --output_dir."
+        )
+    return state
+
+
+def find_checkpoint(output_dir, resume_from_checkpoint):
+    """(path, state) of the checkpoint to resume from, or (None, None). 'latest' skips checkpoints that do not load
+    (with a warning naming each) and takes the newest good one; a path that does not load is an error."""
+    if resume_from_checkpoint is None:
+        return None, None
+    if resume_from_checkpoint == "latest":
+        for path in reversed(list_checkpoints(output_dir)):
+            try:
+                return path, load_checkpoint(path)
+            except DTIError as e:
+                logger.warning(f"Skipping {path}: {e}")
+        logger.warning(
+            f"--resume_from_checkpoint latest: no usable checkpoint in {output_dir}; starting a new training run."
+        )
+        return None, None
+    path = resume_from_checkpoint
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(output_dir, path)
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        raise DTIError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no {CHECKPOINT_FILE} there; pass a checkpoint-N "
+            "folder or 'latest'."
+        )
+    return path, load_checkpoint(path)
+
+
+def check_resume(path, state, *, flags, tokens, num_processes):
+    """Before any model loads: refuse a resume under flags that make the state meaningless, refuse one with nothing
+    left to train, and report each flag that differs from the checkpoint's (the new value governs). `flags` are this
+    run's ({name: value}, as parsed). Returns the seed to train with: the checkpoint's, so that data order and noise
+    continue."""
+    recorded_flags = state.get("flags", {})
+    recorded = {
+        "placeholder_token": state["tokens"][0],
+        "num_vectors": len(state["tokens"]),
+        "optimizer": state.get("mode"),
+        **recorded_flags,
+    }
+    now = {"placeholder_token": tokens[0], "num_vectors": len(tokens), "num_processes": num_processes, **flags}
+    for flag in FIXED_FLAGS:
+        if flag in recorded and recorded[flag] != now[flag]:
+            raise DTIError(
+                f"Checkpoint {path} was made with --{flag} {recorded[flag]!r} and this run has {now[flag]!r}; the "
+                f"saved state means nothing under another {flag.replace('_', ' ')}: use the same flag or a new "
+                "--output_dir."
+            )
+    if flags["max_train_steps"] <= state["global_step"]:
+        raise DTIError(
+            f"Checkpoint {path} is at step {state['global_step']} and --max_train_steps is "
+            f"{flags['max_train_steps']}: nothing to train; raise --max_train_steps to continue (the outputs in "
+            f"{flags['output_dir']} are left as they are)."
+        )
+    for flag in REPORTED_FLAGS:
+        if flag in recorded_flags and recorded_flags[flag] != now.get(flag):
+            logger.info(
+                f"Resume: --{flag} is {now.get(flag)!r} (the checkpoint had {recorded_flags[flag]!r}); the new value "
+                "governs."
+            )
+    if flags["seed"] != state["seed"]:
+        logger.info(
+            f"Resume: the checkpoint's seed {state['seed']} is kept (not {flags['seed']}) so that data order and "
+            "noise continue."
+        )
+    return int(state["seed"])
+
+
+def training_state(step, *, seed, mode, flags, embeddings, optimizer, scaler, history):
+    """The checkpoint's content: everything an exact resume needs, in kilobytes. `flags` ({name: value}) are kept so
+    that a resume can say what changed."""
+    kept = {k: flags[k] for k in FIXED_FLAGS + REPORTED_FLAGS if k in flags}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "global_step": step,
+        "seed": seed,
+        "tokens": embeddings[0].tokens,
+        "mode": mode,
+        "params": [e.param.detach().float().cpu() for e in embeddings],
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "flags": kept,
+        "history": list(history),
+    }
+
+
+def restore_training_state(path, state, embeddings, optimizer, scaler=None):
+    """Load the directions, the optimizer's per-parameter state (prior, step, running average) and the loss scaler.
+    The optimizer's hyperparameters stay those of this run's flags, and each group's `initial_lr` is set, so that
+    `get_scheduler(..., last_epoch=step - 1)` puts the schedule at the checkpoint's step. Returns (step, history)."""
+    shapes = [tuple(p.shape) for p in state["params"]]
+    if shapes != [tuple(e.param.shape) for e in embeddings]:
+        raise DTIError(
+            f"Checkpoint {path} holds vectors of shapes {shapes}, but this model's are "
+            f"{[tuple(e.param.shape) for e in embeddings]}; resume with the base model it was trained on."
+        )
+    with torch.no_grad():
+        for e, p in zip(embeddings, state["params"]):
+            e.param.copy_(p.to(e.param.device))
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, flags in zip(optimizer.param_groups, hyperparameters):
+        group.update(flags)
+        group["initial_lr"] = flags["lr"]
+    if state["scaler"] and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    step = int(state["global_step"])
+    logger.info(f"Resumed from {path} at step {step}")
+    return step, [tuple(h) for h in state.get("history", [])]
+
+
+def save_checkpoint(output_dir, step, state, total_limit=None):
+    """Write checkpoint-N (a temporary folder renamed when complete), then prune the oldest beyond total_limit:
+    a crash at any point leaves the previous checkpoints intact."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-checkpoint-")
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        intact = (
+            f"the previous checkpoints are intact ({os.path.basename(kept[-1])} is the newest)"
+            if kept
+            else "no checkpoint was written"
+        )
+        raise DTIError(
+            f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}); {intact}. Free some space or fix "
+            "the folder, then resume with --resume_from_checkpoint latest."
+        ) from e
+    if total_limit is not None:
+        older = [p for p in list_checkpoints(output_dir) if p != final]
+        for old in older[: max(len(older) + 1 - total_limit, 0)]:
+            logger.info(f"Removing old checkpoint {old} (--checkpoints_total_limit {total_limit})")
+            shutil.rmtree(old)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation images and training curves
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def log_validation(
+    pipeline, accelerator, *, prompt, num_images, num_inference_steps, seed, output_dir, step, stop=None
+):
+    """Render `num_images` images of `prompt` with the models in memory (the same seed every time), save them under
+    output_dir/validation/ and send them to the trackers. The UNet denoises under accelerate's autocast; the VAE
+    decodes outside it, in its own dtype (the SDXL VAE overflows in fp16). A stop request ends the validation at its
+    next denoising step and discards it. Returns the image paths."""
+    from diffusers.training_utils import free_memory
+    from diffusers.utils import is_wandb_available
+
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    logger.info(f"Validation at step {step}: {num_images} image(s) of {prompt!r}")
+
+    def interrupt(pipe, i, t, callback_kwargs):
+        if stop is not None and stop.requested:
+            pipe._interrupt = True  # diffusers' documented way to end a pipeline call early
+        return callback_kwargs
+
+    images = []
+    for _ in range(num_images):
+        with accelerator.autocast():
+            latents = pipeline(
+                prompt,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=interrupt,
+            ).images
+        if stop is not None and stop.requested:
+            return []
+        images.append(decode_latents(pipeline, latents)[0])
+    folder = os.path.join(output_dir, "validation")
+    paths = [os.path.join(folder, f"step-{step:06d}-{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            pictures = np.stack([np.asarray(img) for img in images])
+            tracker.writer.add_images("validation", pictures, step, dataformats="NHWC")
+        elif tracker.name == "wandb" and is_wandb_available():
+            import wandb
+
+            pictures = [wandb.Image(img, caption=f"{i}: {prompt}") for i, img in enumerate(images)]
+            tracker.log({"validation": pictures}, step=step)
+    del pipeline
+    free_memory()
+    return paths
+
+
+def decode_latents(pipeline, latents):
+    """PIL images from a pipeline's latents, decoded by its VAE in the VAE's dtype (as the pipelines do)."""
+    vae = pipeline.vae
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        std, mean = torch.tensor(std).view(shape).to(latents), torch.tensor(mean).view(shape).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+
+def log_nearest_tokens(step, embeddings, tokenizers):
+    for e, tok in zip(embeddings, tokenizers):
+        for token, near in zip(e.tokens, e.nearest_tokens(tok)):
+            logger.info(f"step {step} {e.name} {token}: nearest vocabulary tokens {near}")
+
+
+def plot_training_curves(history, path):
+    """Write a PNG with three panels against the step: loss, norm, angle from the initializer (degrees).
+
+    history: a list of (step, loss, norm, angle_deg, ...). Drawn with matplotlib's Agg canvas (no display and no
+    change to pyplot's global backend). Returns path, or None when history is empty (nothing is written)."""
+    import warnings
+
+    rows = [tuple(float(x) if x is not None else float("nan") for x in entry[:4]) for entry in history]
+    if not rows:
+        warnings.warn(f"No training history to plot; {path} was not written.", DTIWarning)
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, loss, norm, angle = zip(*rows)
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    marker = "." if len(rows) <= 60 else None
+    panels = (
+        (loss, "loss", "loss"),
+        (norm, "embedding norm", "L2 norm"),
+        (angle, "angle from initializer", "degrees"),
+    )
+    for ax, (values, title, ylabel) in zip(fig.subplots(1, 3), panels):
+        ax.plot(steps, values, marker=marker, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        finite = [v for v in values if math.isfinite(v)]
+        if ylabel == "L2 norm" and finite and max(finite) - min(finite) < 1e-3 * max(finite):
+            # A fixed DTI norm: show it flat at its value, not float32 round-off magnified to fill the axis.
+            ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
+            ax.ticklabel_format(axis="y", useOffset=False)
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
