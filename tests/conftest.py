@@ -4,9 +4,11 @@ training script in-process (fast) or through its real entry point (a subprocess)
 Nothing here may reach the Hugging Face Hub: the offline switches are set before any HF library is imported.
 """
 
+import functools
 import os
 import subprocess
 import sys
+
 
 # -- Offline and quiet, for this process and every subprocess it starts (set before any HF import). --
 _OFFLINE_ENV = {
@@ -38,9 +40,32 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 PLACEHOLDER = "<toy-dti>"
+
+
+def angle(a, b):
+    """The angle in radians between a and b, row by row (the last axis is the vector), in float64 numpy: the atan2
+    form atan2(|b - (a.b) a|, a.b) of the unit vectors, exact down to tiny angles where arccos of a cosine is not.
+    a and b may be torch tensors (any dtype or device) or arrays, of any norm; they broadcast against each other."""
+    a, b = (_float64(x) for x in (a, b))
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    dot = (a * b).sum(-1)
+    return np.arctan2(np.linalg.norm(b - dot[..., None] * a, axis=-1), dot)
+
+
+def _float64(x):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def row_norms(t):
+    """The norm of every row of a tensor, in float64 numpy."""
+    return np.linalg.norm(t.double().numpy(), axis=-1)
 
 
 def token_embedding_of(state):
@@ -71,6 +96,15 @@ def example_images(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("data") / "images")
     make_example_images(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Folder of a tiny random StableDiffusionXLPipeline: encoder 1 of width 32, encoder 2 of width 64 with a
+    projection, and encoder 2's eos_token_id 2 as in the real SDXL config (its pooled output at argmax(input_ids))."""
+    from make_tiny_pipeline import make_tiny_sdxl
+
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl") / "pipe"), seed=0, eos_token_id_2=2)
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +166,14 @@ def train_module():
     import train_directional_textual_inversion
 
     return train_directional_textual_inversion
+
+
+@functools.lru_cache(maxsize=None)
+def script_defaults(module=None):
+    """What a training script's public parse_args gives for the minimum required flags: its defaults, read from the
+    parser (with what its checks resolve, such as --learning_rate for the optimizer) instead of copied into tests."""
+    module = module or train_module()
+    return module.parse_args(["--placeholder_token", "<x>", "--initializer_token", "x", "--train_data_dir", "d"])
 
 
 def run_inprocess(argv, callback=None):
@@ -196,6 +238,17 @@ def training_outputs(out):
 
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def one_error(capsys, *words):
+    """The one `error:` line the run printed on stderr (no traceback), which must contain every word; returned."""
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture
