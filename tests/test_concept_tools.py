@@ -1,4 +1,5 @@
-"""Concept tools: slerp (SD and SDXL, render), inspect, convert, safe reading, training curves. Offline."""
+"""Concept tools: slerp (SD and SDXL, render), convert (never overwriting silently), safe reading, inspect
+(non-finite vectors flagged), training curves. Offline."""
 
 import json
 import math
@@ -17,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from conftest import one_error, read_embeds  # noqa: E402
 from dti_concepts import (  # noqa: E402
     convert_embedding,
     inspect_embedding,
@@ -331,6 +333,21 @@ def test_refuses_pickles_with_arbitrary_objects(tmp_path, capsys):
         read_concept(str(junk))
 
 
+def test_convert_refuses_to_overwrite_and_unknown_extensions(tmp_path, capsys):
+    source = tmp_path / "emb.safetensors"
+    save_embedding_file(str(source), {"<x>": torch.randn(1, 32)})
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"precious")
+    assert main(["convert", str(source), "--to", "comfyui", "--output", str(target)]) == 2
+    one_error(capsys, str(target), "--overwrite")
+    assert target.read_bytes() == b"precious"
+    assert main(["convert", str(source), "--to", "comfyui", "--output", str(target), "--overwrite"]) == 0
+    assert read_embeds(target)[0]
+    assert main(["convert", str(source), "--to", "a1111", "--output", str(tmp_path / "x.ckpt")]) == 2
+    one_error(capsys, ".ckpt", ".safetensors")
+    assert not (tmp_path / "x.ckpt").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # inspect
 # ----------------------------------------------------------------------------------------------------
@@ -402,6 +419,18 @@ def test_inspect_sdxl_both_encoders(tmp_path, tiny_sdxl_model, tiny_sd_model):
         assert entry["vectors"][0]["angle_to_initializer_deg"] == pytest.approx(0.0, abs=0.1)
     with pytest.raises(DTIError, match="has no text_encoder_2 folder"):
         inspect_embedding(str(folder), model=tiny_sd_model)  # an SD model has one encoder
+
+
+def test_inspect_flags_non_finite_vectors(tmp_path, capsys):
+    path = tmp_path / "broken.safetensors"
+    save_embedding_file(str(path), {"<x>": torch.tensor([[float("nan")] * 4, [1.0, 0, 0, 0]])})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip().startswith("[")]
+    assert "NOT FINITE" in lines[0] and "NOT FINITE" not in lines[1]
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [v["finite"] for v in report["encoders"]["text_encoder"]["vectors"]] == [False, True]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""The SD script's data and recipe: aspect-preserving views (and diffusers' squash on request), the resolution read from
-the model's configs, the velocity target of v-prediction models, and per-image captions. Offline, tiny models."""
+"""The SD script's data and recipe: reading the image files (other files skipped, image modes, EXIF orientation, huge,
+float and tiny images), aspect-preserving views (and diffusers' squash on request), the resolution read from the
+model's configs, the velocity target of v-prediction models, and per-image captions (resume with captions included).
+Offline, tiny models."""
 
 import json
 import logging
 import os
 import shutil
+import struct
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +19,9 @@ from PIL import Image, ImageOps
 
 import dti_cli
 import dti_utils
-from conftest import PLACEHOLDER, read_embeds, run_cli_inprocess, run_inprocess, sd_argv
+
+from conftest import PLACEHOLDER, one_error, read_embeds, row_norms, run_cli_inprocess, run_inprocess, sd_argv
+
 
 RES = 32
 
@@ -46,6 +52,102 @@ def odd_images(tmp_path_factory):
 
 def view_of(data, image, flip, crop):
     return data.latent_means[int(data.view_index[image, flip, crop])]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image files: other files skipped, image modes, EXIF, and huge, float and tiny images
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_other_files_beside_images_are_skipped_with_a_warning(sd_args, tmp_path, example_images, caplog, base_vocab):
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    (data / "notes.txt").write_text("my cat toy")
+    (data / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + os.urandom(64))
+    (data / "sub").mkdir()
+    caplog.set_level(logging.INFO)
+    run_inprocess(sd_args(data=data, steps=1))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "dti"]
+    assert any("notes.txt" in w for w in warnings), warnings
+    assert any("Images = 4 x" in r.getMessage() for r in caplog.records)  # the four PNGs, nothing else
+    vectors = read_embeds(tmp_path / "out" / "learned_embeds.safetensors")[0][PLACEHOLDER]
+    np.testing.assert_allclose(row_norms(vectors), base_vocab["mean"], rtol=1e-5)
+
+
+def _save(folder, name, image, **kwargs):
+    os.makedirs(folder, exist_ok=True)
+    image.save(os.path.join(folder, name), **kwargs)
+
+
+def test_load_training_images_rgba_and_greyscale(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, 4:] = (200, 10, 10, 255)  # left half fully transparent, right half opaque red
+    _save(tmp_path, "a_rgba.png", Image.fromarray(rgba, "RGBA"))
+    _save(tmp_path, "b_grey.png", Image.fromarray(np.full((8, 8), 100, np.uint8), "L"))
+    palette = Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    _save(tmp_path, "c_palette.png", palette)
+    _save(tmp_path, "d_grey_alpha.png", Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA"))
+    images = dti_cli.load_training_images(str(tmp_path))
+    assert [im.image.mode for im in images] == ["RGB"] * 4
+    a, b, c, d = (np.asarray(im.image) for im in images)
+    assert (a[:, :4] == 255).all()  # transparency composited on white
+    assert (a[:, 4:] == (200, 10, 10)).all()
+    assert (b == 100).all()
+    assert (c == (10, 20, 30)).all()
+    assert (d == 255).all()
+
+
+def test_load_training_images_16_bit_greyscale_is_scaled(tmp_path):
+    values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
+    _save(tmp_path, "g16.png", Image.fromarray(values))
+    image = np.asarray(dti_cli.load_training_images(str(tmp_path))[0].image).astype(np.float64)
+    np.testing.assert_allclose(image[..., 0], values / 257.0, atol=1.0)
+
+
+def test_load_training_images_applies_exif_orientation(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    pixels[:4] = (0, 255, 0)  # a green top stripe makes the rotation's sense visible
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
+    _save(tmp_path, "rotated.png", Image.fromarray(pixels), exif=exif)
+    image = dti_cli.load_training_images(str(tmp_path))[0].image
+    assert image.size == (20, 40)  # width, height swapped
+    np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header announces width x height (Pillow refuses or decodes lazily; nothing this big is allocated)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_huge_float_and_tiny_images(sd_args, tmp_path, capsys, caplog, example_images):
+    """Before: a decompression-bomb traceback; a float TIFF became near-black silently; a 1x1 image was upscaled silently."""
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    _png_header_only(data / "huge.png", 30000, 30000)
+    assert run_cli_inprocess(sd_args(data=data)) == 2
+    one_error(capsys, "huge.png", "resize it")
+    os.remove(data / "huge.png")
+
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(values, "F").save(data / "float.tif")
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(data / "dot.png")
+    images = {os.path.basename(im.name): im.image for im in dti_cli.load_training_images(str(data))}
+    np.testing.assert_allclose(np.asarray(images["float.tif"])[..., 0], np.round(values * 255), atol=0.5)  # scaled, not near-black
+    caplog.set_level(logging.WARNING)
+    run_inprocess(sd_args(data=data, steps=1, out=tmp_path / "ok"))
+    small = [r.getMessage() for r in caplog.records if "far smaller than --resolution" in r.getMessage()]
+    assert len(small) == 1 and "dot.png (1x1)" in small[0] and "float.tif" not in small[0]  # 8 px: a quarter of 32, kept
+
+    Image.fromarray(values * 4 - 1, "F").save(data / "float.tif")  # outside [0, 1]: no meaning to assume
+    assert run_cli_inprocess(sd_args(data=data)) == 2
+    one_error(capsys, "float.tif", "outside [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The README's commands are the ones CI runs, and its offline smoke run works as written."""
+"""The README: its commands are the ones CI runs, its offline smoke run and its first command work as written, and its
+code uses current diffusers arguments."""
 
 import os
 import re
@@ -11,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import run_inprocess
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +40,13 @@ def test_no_torchvision_anywhere():
                 source = open(os.path.join(folder, name)).read()
                 assert not re.search(r"^\s*(import|from)\s+torchvision", source, re.M), name
     assert "torchvision" not in open(os.path.join(ROOT, "requirements.txt")).read().split("No torchvision")[0]
+
+
+def test_readme_uses_dtype_not_the_deprecated_torch_dtype():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "torch_dtype" not in readme
+    assert "dtype=torch.float16" in readme
+
 
 
 @pytest.mark.subprocess
