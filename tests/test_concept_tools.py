@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import one_error, read_embeds  # noqa: E402
+from conftest import angle, one_error, read_embeds  # noqa: E402
 from dti_concepts import (  # noqa: E402
     convert_embedding,
     inspect_embedding,
@@ -29,7 +29,6 @@ from dti_concepts import (  # noqa: E402
 )
 from dti_concepts import read_concept  # noqa: E402
 from dti_utils import DTIError, DTIWarning, save_embedding_file  # noqa: E402
-from dti_utils import dist as sphere_angle  # noqa: E402
 from dti_utils import projx as retract  # noqa: E402
 
 EMBEDDING_KEY = "embeddings.token_embedding.weight"
@@ -100,10 +99,6 @@ def load(path):
 
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def angle(a, b):
-    return sphere_angle(a.double(), b.double())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import sd_argv
+from conftest import angle, sd_argv
 
 import dti_concepts
 import dti_cli
@@ -386,9 +386,7 @@ def test_slerp_writes_a_folder_or_a_safetensors_file(concepts, tmp_path, capsys)
     assert list(from_file) == ["<mix>"] and torch.equal(from_file["<mix>"], in_folder["<mix>"])
     # the blend itself, computed here: direction by slerp (angle 0.3 of the way), norm 0.4 kept
     va, vb = a.vectors["text_encoder"].double(), b.vectors["text_encoder"].double()
-    cos = lambda x, y: (x * y).sum(-1) / x.norm(dim=-1) / y.norm(dim=-1)  # noqa: E731
-    theta = torch.arccos(cos(va, vb))
-    torch.testing.assert_close(torch.arccos(cos(from_file["<mix>"].double(), va).clamp(-1, 1)), 0.3 * theta, rtol=0, atol=1e-5)
+    torch.testing.assert_close(angle(from_file["<mix>"], va), 0.3 * angle(va, vb), rtol=0, atol=1e-5)
     torch.testing.assert_close(from_file["<mix>"].double().norm(dim=-1), torch.full((2,), 0.4, dtype=torch.float64), rtol=1e-6, atol=0)
 
     # SDXL into a file: the clip_l/clip_g single file; several alphas need a folder

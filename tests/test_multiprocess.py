@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PLACEHOLDER, REPO_ROOT, SCRIPT, read_embeds, sd_argv, subprocess_env, training_outputs
+from conftest import (
+    PLACEHOLDER,
+    REPO_ROOT,
+    SCRIPT,
+    angle,
+    read_embeds,
+    script_defaults,
+    sd_argv,
+    subprocess_env,
+    training_outputs,
+)
+
 
 # Runs the real script's entry point, and after training has every rank dump its own vectors to a rank file.
 # Runs the script's main() as the entry point does, and has every rank dump what main() returns to a rank file.
@@ -91,13 +102,12 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
     assert meta["steps"] == "4"
     np.testing.assert_allclose(np.linalg.norm(tensors[PLACEHOLDER].double().numpy(), axis=-1), base_vocab["mean"], rtol=1e-5)
 
-    # --scale_lr counts the processes: 0.01 x batch 1 x accumulation 1 x 2 processes.
-    assert ranks[0]["effective_lr"] == pytest.approx(0.02)
+    # --scale_lr counts the processes: the default learning rate x batch 1 x accumulation 1 x 2 processes.
+    effective_lr = 2 * script_defaults().learning_rate
+    assert ranks[0]["effective_lr"] == pytest.approx(effective_lr)
     init = base_vocab["weight"][tokenizer.get_vocab()["toy</w>"]]
-    v = tensors[PLACEHOLDER].double().numpy()[0]
-    cos = v @ init / (np.linalg.norm(v) * np.linalg.norm(init))
-    angle = np.arccos(np.clip(cos, -1, 1))
-    assert 1e-3 < angle <= 4 * 0.02 + 1e-4
+    turned = angle(init, tensors[PLACEHOLDER][0])
+    assert 1e-3 < turned <= 4 * effective_lr + 1e-4
 
     # The checkpoint records the two-process layout and the same vectors.
     state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import angle
 from dti_utils import (
     DTIError,
     RiemannianSGD,
@@ -33,14 +34,6 @@ from dti_utils import (
 def np_unit(x):
     x = np.asarray(x, dtype=np.float64)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def np_angle(a, b):
-    """Angle between rows, stable for small angles: atan2(|a x b|, a.b) via the tangent component."""
-    a, b = np_unit(a), np_unit(b)
-    dot = (a * b).sum(-1)
-    perp = np.linalg.norm(b - dot[..., None] * a, axis=-1)
-    return np.arctan2(perp, dot)
 
 
 def ref_rsgd_step(v, grad, mu, s, t, lr, kappa, beta, eps=1e-8):
@@ -102,7 +95,7 @@ def test_proju_is_orthogonal_and_matches_formula():
 def test_dist_matches_numpy_down_to_tiny_angles():
     a = random_unit(6, 16, seed=3) * 0.4
     b = random_unit(6, 16, seed=4) * 7.0
-    np.testing.assert_allclose(dist(a, b).double().numpy(), np_angle(a.numpy(), b.numpy()), atol=1e-5)
+    np.testing.assert_allclose(dist(a, b).double().numpy(), angle(a, b), atol=1e-5)
     assert dist(a, a).abs().max().item() < 1e-6
     # 1e-4 rad apart: arccos of a float32 cosine would give 0 (or 3.5e-4); the sine part keeps it
     near = torch.from_numpy(rotate_toward(a.numpy(), b.numpy(), 1e-4)).float()
@@ -117,9 +110,9 @@ def test_slerp_endpoints_midpoint_and_formula():
     mid = slerp(a, b, 0.5).double().numpy()
     ad, bd = a.double().numpy(), b.double().numpy()
     np.testing.assert_allclose(mid, np_unit(ad + bd), atol=1e-6)  # the midpoint bisects the arc
-    omega = np_angle(ad, bd)
-    np.testing.assert_allclose(np_angle(ad, mid), omega / 2, atol=1e-5)
-    np.testing.assert_allclose(np_angle(bd, mid), omega / 2, atol=1e-5)
+    omega = angle(ad, bd)
+    np.testing.assert_allclose(angle(ad, mid), omega / 2, atol=1e-5)
+    np.testing.assert_allclose(angle(bd, mid), omega / 2, atol=1e-5)
     # t = 0.3 against the spec's formula sin((1-t)W)/sin W a + sin(tW)/sin W b.
     t = 0.3
     ref = (np.sin((1 - t) * omega)[:, None] * ad + np.sin(t * omega)[:, None] * bd) / np.sin(omega)[:, None]
@@ -150,7 +143,7 @@ def test_rsgd_beta0_moves_every_row_by_lr_radians_whatever_the_gradient_size():
     grad = torch.randn(8, 32, generator=torch.Generator().manual_seed(11)) * torch.logspace(-3, 3, 8).unsqueeze(-1)
     p.grad = grad.clone()
     opt.step()
-    moved = np_angle(v0.numpy(), p.detach().numpy())
+    moved = angle(v0, p)
     np.testing.assert_allclose(moved, lr, atol=1e-5)  # atan(lr) = lr - lr^3/3: within 1e-5 of lr
     np.testing.assert_allclose(np.linalg.norm(p.detach().double().numpy(), axis=-1), 1.0, atol=1e-6)
     ref, _ = ref_rsgd_step(v0.double().numpy(), grad.double().numpy(), np.zeros((8, 32)), np.zeros((8, 1)), 1, lr, 0.0, 0.0)
@@ -174,11 +167,11 @@ def test_rsgd_prior_alone_pulls_toward_mu():
     np.testing.assert_allclose(p.detach().numpy(), mu.numpy(), atol=1e-5)
     with torch.no_grad():
         p.copy_(start)
-    angles = [np_angle(mu.numpy(), p.detach().numpy())]
+    angles = [angle(mu, p)]
     for _ in range(5):
         p.grad = torch.zeros_like(p)  # no data gradient: only the vMF prior acts
         opt.step()
-        angles.append(np_angle(mu.numpy(), p.detach().numpy()))
+        angles.append(angle(mu, p))
     angles = np.stack(angles)
     np.testing.assert_allclose(angles[0], 0.5, atol=1e-5)
     assert (np.diff(angles, axis=0) < 0).all()  # monotonically closer to mu
@@ -195,7 +188,7 @@ def test_rsgd_set_prior_and_kappa_zero():
     np.testing.assert_allclose(opt.state[p]["prior"].numpy(), mu.numpy(), atol=1e-6)
     p.grad = torch.zeros_like(p)
     opt.step()
-    np.testing.assert_allclose(np_angle(mu.numpy(), p.detach().numpy()), 0.3 - 0.02, atol=1e-4)
+    np.testing.assert_allclose(angle(mu, p), 0.3 - 0.02, atol=1e-4)
     # kappa = 0 and no data gradient: nothing moves.
     q = torch.nn.Parameter(start.clone())
     opt0 = RiemannianSGD([q], lr=0.02, kappa=0.0)
