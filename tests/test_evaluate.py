@@ -15,13 +15,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import PLACEHOLDER, error_lines, run_inprocess
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import dti_cli
 import dti_concepts
 import evaluate_dti
+
+from conftest import PLACEHOLDER, error_lines, run_inprocess
+
 
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -300,13 +302,6 @@ def test_evaluate_steps_bad_flags(extra, expected, sd_args, capsys):
 # ----------------------------------------------------------------------------------------------------
 # rescale
 # ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_sdxl
-
-    return make_tiny_sdxl(str(tmp_path_factory.mktemp("rescale") / "tiny-sdxl"))
 
 
 def vocab_norms(model, encoder="text_encoder"):

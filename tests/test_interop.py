@@ -148,13 +148,6 @@ def concepts():
     return SimpleNamespace(sd=sd, sdxl=sdxl)
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_sdxl
-
-    return make_tiny_sdxl(str(tmp_path_factory.mktemp("interop-sdxl") / "pipe"))
-
-
 class FakeHub:
     """huggingface_hub's network calls replaced: create_repo/upload_folder record, and README.md downloads (which
     ModelCard.load makes for the repository and the base model) find `cards` or raise EntryNotFoundError, as a new repo."""

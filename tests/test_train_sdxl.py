@@ -1,6 +1,6 @@
 """Tests of the SDXL script, train_directional_textual_inversion_sdxl.py, on a tiny random SDXL pipeline.
 
-The tiny pipeline (tools/make_tiny_pipeline.make_tiny_sdxl) has encoder 1 of width 32, encoder 2 of width 64
+The tiny pipeline (conftest's tiny_sdxl, made by tools/make_tiny_pipeline.make_tiny_sdxl) has encoder 1 of width 32, encoder 2 of width 64
 with a projection, and encoder 2's eos_token_id is 2 as in the real SDXL config, so its pooled output is taken
 at argmax(input_ids): the added placeholder token. Everything runs offline on the CPU.
 
@@ -119,13 +119,6 @@ def assert_close(actual, expected, atol=1e-6):
 # ----------------------------------------------------------------------------------------------------
 # Module fixtures
 # ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_sdxl
-
-    return make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl") / "pipe"), seed=0, eos_token_id_2=2)
 
 
 @pytest.fixture(scope="module")
