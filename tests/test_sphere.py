@@ -1,7 +1,8 @@
 """Unit tests of dti_utils' math and concept helpers against independent float64 numpy formulas.
 
-Sphere geometry, the RiemannianSGD update of the spec (DTI_SPEC.md "The method"), vocabulary norm
-statistics, --token_scale and the token/initializer rules.
+Sphere geometry, the RiemannianSGD update of the paper (Kim et al., arXiv 2512.13672: Riemannian SGD on the unit
+sphere with a von Mises-Fisher prior; the README's "Flags" table states what --rsgd_beta, --kappa and --learning_rate
+do to a step), vocabulary norm statistics, --token_scale and the token/initializer rules.
 """
 
 import copy
@@ -11,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import angle
 from dti_utils import (
     DTIError,
     RiemannianSGD,
-    placeholder_token_list,
     dist,
-    projx,
+    placeholder_token_list,
     proju,
+    projx,
     resolve_token_scale,
     resolve_tokens,
     retr,
@@ -26,8 +26,11 @@ from dti_utils import (
     vocabulary_norm_stats,
 )
 
+from conftest import angle
+
+
 # ----------------------------------------------------------------------------------------------------
-# Independent references (float64 numpy), written from DTI_SPEC.md
+# Independent references (float64 numpy), written from the paper (arXiv 2512.13672); the angle is conftest's
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -37,7 +40,7 @@ def np_unit(x):
 
 
 def ref_rsgd_step(v, grad, mu, s, t, lr, kappa, beta, eps=1e-8):
-    """One step of the spec's Riemannian SGD, row by row. Returns (v, s)."""
+    """One step of the paper's Riemannian SGD (arXiv 2512.13672), row by row. Returns (v, s)."""
     g = grad - kappa * mu
     g = g - (g * v).sum(-1, keepdims=True) * v
     h = (g * g).sum(-1, keepdims=True)
@@ -113,7 +116,7 @@ def test_slerp_endpoints_midpoint_and_formula():
     omega = angle(ad, bd)
     np.testing.assert_allclose(angle(ad, mid), omega / 2, atol=1e-5)
     np.testing.assert_allclose(angle(bd, mid), omega / 2, atol=1e-5)
-    # t = 0.3 against the spec's formula sin((1-t)W)/sin W a + sin(tW)/sin W b.
+    # t = 0.3 against the slerp formula sin((1-t)W)/sin W a + sin(tW)/sin W b.
     t = 0.3
     ref = (np.sin((1 - t) * omega)[:, None] * ad + np.sin(t * omega)[:, None] * bd) / np.sin(omega)[:, None]
     np.testing.assert_allclose(slerp(a, b, t).double().numpy(), ref, atol=1e-5)
