@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import angle, sd_argv
-
-import dti_concepts
 import dti_cli
+import dti_concepts
 import dti_utils
 from dti_utils import ConceptEmbedding, DTIWarning
+
+from conftest import angle, sd_argv
+
 
 SD_DIM, SDXL_DIMS = 32, (32, 64)  # the tiny pipelines' text encoder widths
 
@@ -177,8 +178,10 @@ def fp16_run(tiny_sdxl, tmp_path_factory):
     """One SDXL run with --mixed_precision fp16 (the tiny VAE's config has force_upcast, as SDXL's does), validation,
     --no_safe_serialization and --push_to_hub to a fake Hub. A global forward pre-hook (torch's public hook API) finds the
     VAE decoder and records, at its first conv, the input and output dtypes and whether autocast was on."""
-    import train_directional_textual_inversion_sdxl as sdxl
     from diffusers.models.autoencoders.vae import Decoder
+
+    import train_directional_textual_inversion_sdxl as sdxl
+
     from make_tiny_pipeline import make_example_images
 
     tmp = tmp_path_factory.mktemp("fp16")
@@ -203,7 +206,7 @@ def fp16_run(tiny_sdxl, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Every .pt/.bin form passes AUTOMATIC1111's safe unpickler, and still loads with weights_only and in diffusers
+# Every .pt/.bin form passes AUTOMATIC1111's safe unpickler, and still loads with weights_only and in diffusers
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -269,7 +272,7 @@ def _folder(tmp_path, concept):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Single-key safetensors forms: the token is the key, so diffusers needs no token= and two files do not collide
+# Single-key safetensors forms: the token is the key, so diffusers needs no token= and two files do not collide
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +340,7 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The single file's name: never one vocabulary word
+# The single file's name: never one vocabulary word
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -366,7 +369,7 @@ def test_file_name_rule_in_training_and_tools(fp16_run, concepts, tmp_path, toke
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. slerp writes a folder or one file
+# slerp writes a folder or one file
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -393,7 +396,7 @@ def test_slerp_writes_a_folder_or_a_safetensors_file(concepts, tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. SDXL validation with fp16: the VAE decodes in float32, outside autocast
+# SDXL validation with fp16: the VAE decodes in float32, outside autocast
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -416,7 +419,7 @@ def test_fp16_validation_decodes_in_the_vae_dtype_outside_autocast(fp16_run):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The model card: diffusers' load_or_create_model_card + populate_model_card
+# The model card: diffusers' load_or_create_model_card + populate_model_card
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+import dti_utils
+import train_directional_textual_inversion_sdxl as sdxl
+
 # conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
 from conftest import REPO_ROOT, StepRecorder, angle, read_embeds, sd_argv, subprocess_env
 
-import dti_utils
-import train_directional_textual_inversion_sdxl as sdxl
 
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
 
@@ -155,7 +156,7 @@ def trained(e2e_run):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. The entry point: files, norms, snapshots
+# The entry point: files, norms, snapshots
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -212,7 +213,7 @@ def test_entry_point_writes_three_files_with_each_encoders_norm(e2e_run, vocab_m
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2-3. Loading in diffusers: the two-file pattern and the clip_l/clip_g single file
+# Loading in diffusers: the two-file pattern and the clip_l/clip_g single file
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -243,7 +244,7 @@ def test_single_file_loads_through_clip_l_clip_g_pattern(e2e_run, trained, tiny_
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Training-time conditioning equals inference-time conditioning (pooled output included)
+# Training-time conditioning equals inference-time conditioning (pooled output included)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -329,7 +330,7 @@ def test_hooked_training_path_equals_inference_after_load(inference_pipe, traine
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. A batch size that does not divide the data: the last batch wraps around, every view keeps its own time ids
+# A batch size that does not divide the data: the last batch wraps around, every view keeps its own time ids
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -423,7 +424,7 @@ def test_every_cached_view_is_its_crop_or_mirrored_crop_with_matching_time_ids(t
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. bf16 on the CPU: directions and optimizer state stay float32; --center_crop gives one view per image
+# bf16 on the CPU: directions and optimizer state stay float32; --center_crop gives one view per image
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -467,7 +468,7 @@ def test_center_crop_run_caches_one_view_per_image(bf16_run):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Exact resume
+# Exact resume
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -499,7 +500,7 @@ def test_resume_from_checkpoint_continues_exactly(tiny_sdxl, sdxl_images, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Two CPU processes with torchrun
+# Two CPU processes with torchrun
 # ----------------------------------------------------------------------------------------------------
 
 _RANK_WRAPPER = textwrap.dedent("""
@@ -548,7 +549,7 @@ def test_torchrun_two_processes_one_set_of_files_same_result(tiny_sdxl, sdxl_ima
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Crop views: --center_crop one per image, the default --crop_positions distinct crops
+# Crop views: --center_crop one per image, the default --crop_positions distinct crops
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -603,7 +604,7 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. The concept tools on a real SDXL training output
+# The concept tools on a real SDXL training output
 # ----------------------------------------------------------------------------------------------------
 
 
