@@ -26,7 +26,15 @@ _OFFLINE_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 os.environ.update(_OFFLINE_ENV)
-for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_USE_CPU",
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+):
     os.environ.pop(_var, None)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +121,9 @@ def base_vocab(tiny_sd):
     with the reference statistics computed independently of dti_utils."""
     from safetensors.numpy import load_file
 
-    weight = token_embedding_of(load_file(os.path.join(tiny_sd, "text_encoder", "model.safetensors"))).astype(np.float64)
+    weight = token_embedding_of(load_file(os.path.join(tiny_sd, "text_encoder", "model.safetensors"))).astype(
+        np.float64
+    )
     norms = np.sqrt((weight * weight).sum(axis=1))
     nonzero = norms[norms > 0]
     return {
@@ -141,21 +151,36 @@ def sd_argv(pipeline, data, out, *extra, steps=4, seed=0):
     """Small, fast flags for the SD script; later flags in `extra` override these (argparse keeps the last).
     seed=None leaves --seed out (the script then draws one and stores it in checkpoints)."""
     argv = [
-        "--pretrained_model_name_or_path", str(pipeline),
-        "--train_data_dir", str(data),
-        "--output_dir", str(out),
-        "--placeholder_token", PLACEHOLDER,
-        "--initializer_token", "toy",
-        "--resolution", "32",
-        "--train_batch_size", "1",
-        "--repeats", "2",
-        "--max_train_steps", str(steps),
-        "--report_to", "none",
-        "--num_validation_images", "1",
-        "--num_validation_inference_steps", "2",
-        "--validation_steps", "1000",
-        "--checkpointing_steps", "1000",
-        "--save_steps", "1000",
+        "--pretrained_model_name_or_path",
+        str(pipeline),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--placeholder_token",
+        PLACEHOLDER,
+        "--initializer_token",
+        "toy",
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "1",
+        "--repeats",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--report_to",
+        "none",
+        "--num_validation_images",
+        "1",
+        "--num_validation_inference_steps",
+        "2",
+        "--validation_steps",
+        "1000",
+        "--checkpointing_steps",
+        "1000",
+        "--save_steps",
+        "1000",
     ]
     if seed is not None:
         argv += ["--seed", str(seed)]
@@ -207,7 +232,9 @@ class StepRecorder:
 def subprocess_env(**extra):
     env = dict(os.environ)
     env.update(_OFFLINE_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
@@ -217,7 +244,11 @@ def run_script(argv, timeout=240, cwd=None, env=None):
     """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout, stderr)."""
     proc = subprocess.run(
         [sys.executable, SCRIPT, *[str(a) for a in argv]],
-        cwd=cwd or REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or REPO_ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc.returncode, proc.stdout, proc.stderr
 

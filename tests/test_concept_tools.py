@@ -40,7 +40,9 @@ def vocab_rows(model, encoder="text_encoder"):
     tensors = load_file(os.path.join(model, encoder, "model.safetensors"))
     (key,) = [k for k in tensors if k.endswith(EMBEDDING_KEY)]  # with or without the "text_model." prefix
     weight = tensors[key].double()
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer" if encoder == "text_encoder" else "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        model, subfolder="tokenizer" if encoder == "text_encoder" else "tokenizer_2"
+    )
     return weight, tokenizer
 
 
@@ -51,8 +53,16 @@ def row(weight, tokenizer, word):
 
 
 def dti_meta(norm, encoder="text_encoder", initializer="toy", method="directional_textual_inversion"):
-    return {"method": method, "base_model": "tiny", "text_encoder": encoder, "initializer_token": initializer,
-            "norm": repr(norm) if norm is not None else "free", "token_scale": "mean", "kappa": "0.0001", "steps": "10"}
+    return {
+        "method": method,
+        "base_model": "tiny",
+        "text_encoder": encoder,
+        "initializer_token": initializer,
+        "norm": repr(norm) if norm is not None else "free",
+        "token_scale": "mean",
+        "kappa": "0.0001",
+        "steps": "10",
+    }
 
 
 def unit_rows(n, dim, seed):
@@ -68,8 +78,12 @@ def make_sd_file(path, token, vectors, meta):
 def make_sdxl_folder(folder, token, n, seed, m_l=0.4, m_g=0.45):
     """A fake SDXL training output: learned_embeds (dim 32) and learned_embeds_2 (dim 64)."""
     v_l, v_g = m_l * unit_rows(n, 32, seed), m_g * unit_rows(n, 64, seed + 100)
-    save_embedding_file(os.path.join(folder, "learned_embeds.safetensors"), {token: v_l}, dti_meta(m_l, "text_encoder"))
-    save_embedding_file(os.path.join(folder, "learned_embeds_2.safetensors"), {token: v_g}, dti_meta(m_g, "text_encoder_2"))
+    save_embedding_file(
+        os.path.join(folder, "learned_embeds.safetensors"), {token: v_l}, dti_meta(m_l, "text_encoder")
+    )
+    save_embedding_file(
+        os.path.join(folder, "learned_embeds_2.safetensors"), {token: v_g}, dti_meta(m_g, "text_encoder_2")
+    )
     return str(folder), v_l, v_g
 
 
@@ -118,16 +132,26 @@ def test_slerp_sdxl_pairs_per_encoder(tmp_path):
 
     out = tmp_path / "mix"
     assert main(["slerp", a, b_single, "--alpha", "0.5", "--token", "<mix>", "--output", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors", "mix-ti.safetensors"]  # not "mix": a word
+    assert sorted(os.listdir(out)) == [
+        "learned_embeds.safetensors",
+        "learned_embeds_2.safetensors",
+        "mix-ti.safetensors",
+    ]  # not "mix": a word
     l_t, l_meta = read_embeds(out / "learned_embeds.safetensors")
     g_t, g_meta = read_embeds(out / "learned_embeds_2.safetensors")
     single, single_meta = read_embeds(out / "mix-ti.safetensors")
     assert l_t["<mix>"].shape == (2, 32) and g_t["<mix>"].shape == (2, 64)
     assert torch.equal(single["clip_l"], l_t["<mix>"]) and torch.equal(single["clip_g"], g_t["<mix>"])
-    assert (l_meta["text_encoder"], g_meta["text_encoder"], single_meta["text_encoder"]) == ("text_encoder", "text_encoder_2", "both")
+    assert (l_meta["text_encoder"], g_meta["text_encoder"], single_meta["text_encoder"]) == (
+        "text_encoder",
+        "text_encoder_2",
+        "both",
+    )
     assert json.loads(single_meta["norm"]) == {"clip_l": 0.4, "clip_g": 0.45}
     for vecs, va, vb, m in ((l_t["<mix>"], a_l, b_l, 0.4), (g_t["<mix>"], a_g, b_g, 0.45)):
-        torch.testing.assert_close(vecs.double().norm(dim=-1), torch.full((2,), m, dtype=torch.float64), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            vecs.double().norm(dim=-1), torch.full((2,), m, dtype=torch.float64), rtol=1e-6, atol=0
+        )
         torch.testing.assert_close(angle(vecs, va), angle(va, vb) / 2, rtol=0, atol=1e-5)
         torch.testing.assert_close(angle(vecs, vb), angle(va, vb) / 2, rtol=0, atol=1e-5)
 
@@ -163,7 +187,9 @@ def test_slerp_classic_ti_norms_warn_and_interpolate_linearly(tmp_path, capsys):
         torch.testing.assert_close(angle(vecs, dti), alpha * angle(dti, classic), rtol=0, atol=1e-5)
     # the CLI prints the warning as one line on stderr
     assert main(["slerp", a, b, "--output", str(tmp_path / "cli")]) == 0
-    assert any(line.startswith("warning: ") and "different norms" in line for line in capsys.readouterr().err.splitlines())
+    assert any(
+        line.startswith("warning: ") and "different norms" in line for line in capsys.readouterr().err.splitlines()
+    )
 
 
 def test_slerp_render_writes_labelled_strip(tmp_path, tiny_sd):
@@ -171,8 +197,29 @@ def test_slerp_render_writes_labelled_strip(tmp_path, tiny_sd):
     a = make_sd_file(tmp_path / "a.safetensors", "<a>", m * unit_rows(2, 32, 0), dti_meta(m))
     b = make_sd_file(tmp_path / "b.safetensors", "<b>", m * unit_rows(2, 32, 1), dti_meta(m))
     out = tmp_path / "out"
-    rc = main(["slerp", a, b, "--alpha", "0", "0.5", "1", "--token", "<mix>", "--output", str(out),
-               "--render", tiny_sd, "--prompt", "a photo of {}", "--seed", "0", "--steps", "2"])
+    rc = main(
+        [
+            "slerp",
+            a,
+            b,
+            "--alpha",
+            "0",
+            "0.5",
+            "1",
+            "--token",
+            "<mix>",
+            "--output",
+            str(out),
+            "--render",
+            tiny_sd,
+            "--prompt",
+            "a photo of {}",
+            "--seed",
+            "0",
+            "--steps",
+            "2",
+        ]
+    )
     assert rc == 0
     strip = Image.open(out / "interpolation.png")
     assert strip.format == "PNG"
@@ -209,8 +256,15 @@ def test_slerp_output_loads_in_diffusers_and_generates(tmp_path, tiny_sd):
     (a1111,) = convert_embedding(a, "a1111", str(tmp_path / "a.pt"))
     pipe.load_textual_inversion(a1111)
     ids_a = pipe.tokenizer.convert_tokens_to_ids(["<a>", "<a>_1"])
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids_a].detach(), read_concept(a).vectors["text_encoder"])
-    image = pipe("a photo of <mix> with <a>", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(
+        pipe.text_encoder.get_input_embeddings().weight[ids_a].detach(), read_concept(a).vectors["text_encoder"]
+    )
+    image = pipe(
+        "a photo of <mix> with <a>",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
 
 
@@ -232,12 +286,18 @@ def test_convert_sd_round_trips_bit_exact(tmp_path):
     assert back.endswith(os.path.join("back", "learned_embeds.safetensors"))
     tensors, meta = read_embeds(back)
     assert list(tensors) == ["<cat-toy>"] and torch.equal(tensors["<cat-toy>"], vecs)
-    assert meta["method"] == "directional_textual_inversion" and meta["initializer_token"] == "toy" and meta["norm"] == "0.3"
+    assert (
+        meta["method"] == "directional_textual_inversion"
+        and meta["initializer_token"] == "toy"
+        and meta["norm"] == "0.3"
+    )
 
     (st,) = convert_embedding(src, "comfyui", str(tmp_path / "folder"))
     assert os.path.basename(st) == "cat-toy.safetensors"
     emb, emb_meta = read_embeds(st)
-    assert list(emb) == ["<cat-toy>"] and torch.equal(emb["<cat-toy>"], vecs)  # the token is the key, as diffusers reads it
+    assert list(emb) == ["<cat-toy>"] and torch.equal(
+        emb["<cat-toy>"], vecs
+    )  # the token is the key, as diffusers reads it
     assert read_concept(st).token == "<cat-toy>"
     (back2,) = convert_embedding(st, "diffusers", str(tmp_path / "back2.safetensors"))
     assert torch.equal(read_embeds(back2)[0]["<cat-toy>"], vecs)
@@ -333,17 +393,26 @@ def test_inspect_json_with_model(tmp_path, tiny_sd, capsys):
     assert main(["inspect", emb, "--model", tiny_sd, "--k", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)  # JSON only on stdout
     assert {"path", "form", "token", "tokens", "num_vectors", "sdxl", "model", "encoders"} <= set(report)
-    assert report["token"] == "<toy-dti>" and report["tokens"] == ["<toy-dti>", "<toy-dti>_1"] and report["sdxl"] is False
+    assert (
+        report["token"] == "<toy-dti>" and report["tokens"] == ["<toy-dti>", "<toy-dti>_1"] and report["sdxl"] is False
+    )
     entry = report["encoders"]["text_encoder"]
     assert entry["dim"] == 32 and entry["metadata"]["initializer_token"] == "toy"
     vocab = entry["vocabulary"]
     assert vocab["size"] == weight.shape[0]
     assert vocab["mean"] == pytest.approx(m, rel=1e-5)
-    assert (vocab["min"], vocab["max"]) == (pytest.approx(norms.min().item(), rel=1e-5), pytest.approx(norms.max().item(), rel=1e-5))
+    assert (vocab["min"], vocab["max"]) == (
+        pytest.approx(norms.min().item(), rel=1e-5),
+        pytest.approx(norms.max().item(), rel=1e-5),
+    )
     v0, v1 = entry["vectors"]
     assert (v0["index"], v0["token"], v1["token"]) == (0, "<toy-dti>", "<toy-dti>_1")
     assert v0["norm"] == pytest.approx(m, rel=1e-6) and v0["norm_to_vocab_mean"] == pytest.approx(1.0, rel=1e-5)
-    assert len(v0["nearest"]) == 3 and v0["nearest"][0]["token"] == "toy" and v0["nearest"][0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert (
+        len(v0["nearest"]) == 3
+        and v0["nearest"][0]["token"] == "toy"
+        and v0["nearest"][0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    )
     assert {n["token"] for n in v1["nearest"][:2]} == {"toy", "dog"}
     assert v1["nearest"][0]["cosine"] == pytest.approx(v1["nearest"][1]["cosine"], abs=1e-5)
     assert v0["angle_to_initializer_deg"] == pytest.approx(0.0, abs=0.1)
@@ -351,7 +420,9 @@ def test_inspect_json_with_model(tmp_path, tiny_sd, capsys):
     assert v1["angle_to_initializer_deg"] == pytest.approx(expected, abs=0.05)
 
     # a two-token initializer pairs vector i with token i
-    emb2 = make_sd_file(tmp_path / "e2.safetensors", "<tc>", (m * torch.stack([toy, dog])).float(), dti_meta(m, initializer="toy dog"))
+    emb2 = make_sd_file(
+        tmp_path / "e2.safetensors", "<tc>", (m * torch.stack([toy, dog])).float(), dti_meta(m, initializer="toy dog")
+    )
     report2 = inspect_embedding(emb2, model=tiny_sd, k=1)
     angles = [v["angle_to_initializer_deg"] for v in report2["encoders"]["text_encoder"]["vectors"]]
     assert angles == [pytest.approx(0.0, abs=0.1), pytest.approx(0.0, abs=0.1)]
@@ -374,8 +445,16 @@ def test_inspect_sdxl_both_encoders(tmp_path, tiny_sdxl, tiny_sd):
     w_l, tok_l = vocab_rows(tiny_sdxl, "text_encoder")
     w_g, tok_g = vocab_rows(tiny_sdxl, "text_encoder_2")
     folder = tmp_path / "run"
-    save_embedding_file(str(folder / "learned_embeds.safetensors"), {"<d>": (0.2 * retract(row(w_l, tok_l, "dog"))).float()[None]}, dti_meta(0.2, initializer="dog"))
-    save_embedding_file(str(folder / "learned_embeds_2.safetensors"), {"<d>": (0.3 * retract(row(w_g, tok_g, "dog"))).float()[None]}, dti_meta(0.3, "text_encoder_2", initializer="dog"))
+    save_embedding_file(
+        str(folder / "learned_embeds.safetensors"),
+        {"<d>": (0.2 * retract(row(w_l, tok_l, "dog"))).float()[None]},
+        dti_meta(0.2, initializer="dog"),
+    )
+    save_embedding_file(
+        str(folder / "learned_embeds_2.safetensors"),
+        {"<d>": (0.3 * retract(row(w_g, tok_g, "dog"))).float()[None]},
+        dti_meta(0.3, "text_encoder_2", initializer="dog"),
+    )
     report = inspect_embedding(str(folder), model=tiny_sdxl, k=2)
     assert report["sdxl"] is True and list(report["encoders"]) == ["text_encoder", "text_encoder_2"]
     for name, weight in (("text_encoder", w_l), ("text_encoder_2", w_g)):

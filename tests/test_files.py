@@ -42,7 +42,9 @@ def test_stale_temporary_files_are_removed_and_a_previous_embedding_is_named(sd_
     caplog.set_level(logging.WARNING)
     run_inprocess(sd_args(steps=1, out=out))
     assert not glob.glob(str(out / ".tmp-*"))
-    warnings = [r.getMessage() for r in caplog.records if "already holds a learned_embeds.safetensors" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if "already holds a learned_embeds.safetensors" in r.getMessage()
+    ]
     assert len(warnings) == 1 and str(out) in warnings[0]
     run_inprocess(sd_args("--checkpointing_steps", "1", steps=1, out=out))
     caplog.clear()
@@ -65,7 +67,12 @@ def test_a_failed_final_save_is_rescued_to_a_temporary_folder(sd_args, tmp_path,
             out.write_text("in the way")
 
     module = train_module()
-    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=2, out=out)]) == 2
+    assert (
+        dti_cli.run_cli(
+            lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=2, out=out)]
+        )
+        == 2
+    )
     line = one_error(capsys, f"Could not write the embedding to {out}", "saved to")
     rescue = line.split("saved to ")[1].split(" instead")[0]
     vectors, meta = read_embeds(os.path.join(rescue, "learned_embeds.safetensors"))
@@ -87,7 +94,9 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(sd_args, tmp_pat
     assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, argv) == 2
     one_error(capsys, "Could not write checkpoint-4", "checkpoint-2 is the newest")
     assert torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)["global_step"] == 2
-    assert read_embeds(out / "learned_embeds.safetensors")[1]["steps"] == "4"  # the work so far was saved on the way out
+    assert (
+        read_embeds(out / "learned_embeds.safetensors")[1]["steps"] == "4"
+    )  # the work so far was saved on the way out
     assert not glob.glob(str(out / ".tmp-*"))
 
 
@@ -106,10 +115,16 @@ def test_nan_gradients_never_reach_the_file_and_the_last_good_embedding_is_on_di
     def callback(step, embeddings, **state):
         if step == 3:
             kept["vectors"] = embeddings[0].vectors().detach().clone()
-            embeddings[0].text_encoder.register_forward_hook(lambda module, args, output: (output[0] * float("nan"),) + tuple(output[1:]))
+            embeddings[0].text_encoder.register_forward_hook(
+                lambda module, args, output: (output[0] * float("nan"),) + tuple(output[1:])
+            )
 
     module = train_module()
-    code = dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args("--log_steps", "5", steps=100, out=out)])
+    code = dti_cli.run_cli(
+        lambda args: module.main(args, callback),
+        module.parse_args,
+        [str(a) for a in sd_args("--log_steps", "5", steps=100, out=out)],
+    )
     assert code == 2
     # steps 4-25 are not finite; the windows of --log_steps 5 see 2, 7, 12, 17 then 22 >= 20 in a row
     one_error(capsys, "not finite for 22 steps in a row (at step 25)", f"the last good embedding is saved in {out}")

@@ -37,11 +37,20 @@ from conftest import (
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags,word", [
-    (["--resolution", "0"], "--resolution"), (["--train_batch_size", "0"], "--train_batch_size"), (["--kappa", "-1"], "--kappa"),
-    (["--rsgd_beta", "1"], "--rsgd_beta"), (["--lr_scheduler", "typo"], "--lr_scheduler"), (["--report_to", "tensorbord"], "--report_to"),
-    (["--learning_rate", "nan"], "--learning_rate"), (["--kappa", "inf"], "--kappa"), (["--flip_p", "1.5"], "--flip_p"),
-])
+@pytest.mark.parametrize(
+    "flags,word",
+    [
+        (["--resolution", "0"], "--resolution"),
+        (["--train_batch_size", "0"], "--train_batch_size"),
+        (["--kappa", "-1"], "--kappa"),
+        (["--rsgd_beta", "1"], "--rsgd_beta"),
+        (["--lr_scheduler", "typo"], "--lr_scheduler"),
+        (["--report_to", "tensorbord"], "--report_to"),
+        (["--learning_rate", "nan"], "--learning_rate"),
+        (["--kappa", "inf"], "--kappa"),
+        (["--flip_p", "1.5"], "--flip_p"),
+    ],
+)
 def test_closed_sets_and_ranges_are_argparse_errors(sd_args, flags, word, capsys):
     """argparse itself refuses them (exit 2, `error: argument --flag: ...`), before anything is imported or loaded."""
     with pytest.raises(SystemExit) as exit_info:
@@ -60,8 +69,14 @@ def test_lr_scheduler_typo_fails_before_any_model_loads(sd_args, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags,word", [(["--resolution", "33"], "--resolution"), (["--token_scale", "huge"], "--token_scale"),
-                                        (["--learning_rate", "0"], "--learning_rate")])
+@pytest.mark.parametrize(
+    "flags,word",
+    [
+        (["--resolution", "33"], "--resolution"),
+        (["--token_scale", "huge"], "--token_scale"),
+        (["--learning_rate", "0"], "--learning_rate"),
+    ],
+)
 def test_check_args_names_the_flag(sd_args, flags, word):
     with pytest.raises(dti_utils.DTIError, match=word):
         train_module().parse_args(sd_args(*flags))
@@ -100,8 +115,19 @@ def _bad_data(tmp_path, kind, example_images):
 
 @pytest.mark.parametrize(
     "case",
-    ["placeholder_in_vocab", "placeholder_empty", "initializer_empty", "initializer_blank", "data_missing", "data_empty",
-     "data_only_txt", "data_corrupt", "data_truncated", "num_vectors_conflict", "no_pipeline"],
+    [
+        "placeholder_in_vocab",
+        "placeholder_empty",
+        "initializer_empty",
+        "initializer_blank",
+        "data_missing",
+        "data_empty",
+        "data_only_txt",
+        "data_corrupt",
+        "data_truncated",
+        "num_vectors_conflict",
+        "no_pipeline",
+    ],
 )
 def test_bad_input_exits_2_with_one_error_line(case, sd_args, tmp_path, example_images, capsys):
     out = tmp_path / "out"
@@ -115,14 +141,20 @@ def test_bad_input_exits_2_with_one_error_line(case, sd_args, tmp_path, example_
     elif case == "initializer_blank":
         extra, expect = ["--initializer_token", " "], ["--initializer_token"]
     elif case.startswith("data_"):
-        kind = case[len("data_"):]
+        kind = case[len("data_") :]
         data = _bad_data(tmp_path, kind, example_images)
         name = {"corrupt": "broken.png", "truncated": "cut.png"}.get(kind, str(data))
         expect = [name] + (["--train_data_dir"] if kind in ("missing", "empty", "only_txt") else [])
     elif case == "num_vectors_conflict":
-        extra, expect = ["--initializer_token", "red car toy", "--num_vectors", "2"], ["--num_vectors", "--initializer_token"]
+        extra, expect = (
+            ["--initializer_token", "red car toy", "--num_vectors", "2"],
+            ["--num_vectors", "--initializer_token"],
+        )
     elif case == "no_pipeline":
-        extra, expect = ["--pretrained_model_name_or_path", str(tmp_path / "nowhere")], ["--pretrained_model_name_or_path"]
+        extra, expect = (
+            ["--pretrained_model_name_or_path", str(tmp_path / "nowhere")],
+            ["--pretrained_model_name_or_path"],
+        )
     capsys.readouterr()
     code = run_cli_inprocess(sd_args(*extra, data=data))
     err = capsys.readouterr().err
@@ -158,11 +190,16 @@ def test_token_scale_far_out_of_distribution_is_refused_or_warned(sd_args, tmp_p
 
 def test_a_misspelt_one_word_initializer_is_refused_unless_asked_for(sd_args, tmp_path, capsys, tokenizer):
     """Before: --initializer_token toyy trained 3 vectors ('to', 'y', 'y') with only an INFO line."""
-    pieces = [tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in tokenizer.encode("toyy", add_special_tokens=False)]
+    pieces = [
+        tokenizer.convert_ids_to_tokens(i).replace("</w>", "")
+        for i in tokenizer.encode("toyy", add_special_tokens=False)
+    ]
     assert len(pieces) > 1
     assert run_cli_inprocess(sd_args("--initializer_token", "toyy")) == 2
     one_error(capsys, "--initializer_token 'toyy'", str(pieces), "--allow_multi_token_initializer")
-    run_inprocess(sd_args("--initializer_token", "toyy", "--allow_multi_token_initializer", steps=1, out=tmp_path / "asked"))
+    run_inprocess(
+        sd_args("--initializer_token", "toyy", "--allow_multi_token_initializer", steps=1, out=tmp_path / "asked")
+    )
     assert read_embeds(tmp_path / "asked" / "learned_embeds.safetensors")[0][PLACEHOLDER].shape[0] == len(pieces)
 
 
@@ -178,7 +215,9 @@ def test_model_path_errors_are_one_sentence_at_once(sd_args, tmp_path, capsys, t
 
     start = time.perf_counter()
     assert run_cli_inprocess(sd_args("--pretrained_model_name_or_path", "someone/not-a-cached-model")) == 2
-    one_error(capsys, "--pretrained_model_name_or_path someone/not-a-cached-model", "HF_HUB_OFFLINE is set", "hf download")
+    one_error(
+        capsys, "--pretrained_model_name_or_path someone/not-a-cached-model", "HF_HUB_OFFLINE is set", "hf download"
+    )
     assert run_cli_inprocess(sd_args("--pretrained_model_name_or_path", str(tmp_path / "missing"))) == 2
     one_error(capsys, "--pretrained_model_name_or_path", "is not a folder")
     (tmp_path / "empty").mkdir()
@@ -200,7 +239,7 @@ def test_model_path_errors_are_one_sentence_at_once(sd_args, tmp_path, capsys, t
 def test_num_train_epochs_alone_trains_whole_epochs(sd_args, tmp_path):
     """Before: --max_train_steps defaulted to 400, so --num_train_epochs never took effect."""
     argv = [str(a) for a in sd_args("--num_train_epochs", "2", "--train_batch_size", "2", out=tmp_path / "out")]
-    del argv[argv.index("--max_train_steps"): argv.index("--max_train_steps") + 2]
+    del argv[argv.index("--max_train_steps") : argv.index("--max_train_steps") + 2]
     recorder = StepRecorder()
     assert run_inprocess(argv, recorder).global_step == 8
     assert recorder.steps == list(range(1, 9))  # 4 images x 2 repeats = 8 samples, batch 2: 4 steps an epoch, 2 epochs
@@ -232,10 +271,20 @@ def test_a_drawn_seed_is_logged_and_stored_in_the_file_and_checkpoint(sd_args, t
 
 @pytest.mark.subprocess
 def test_help_documents_the_dti_flags():
-    proc = subprocess.run([sys.executable, SCRIPT, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # undo argparse's line wrapping
-    for flag in ("--kappa", "--token_scale", "--scale_lr", "--no-scale_lr", "--optimizer", "--rsgd_beta", "--num_vectors"):
+    for flag in (
+        "--kappa",
+        "--token_scale",
+        "--scale_lr",
+        "--no-scale_lr",
+        "--optimizer",
+        "--rsgd_beta",
+        "--num_vectors",
+    ):
         assert flag in text, flag
     # How --scale_lr acts on the step: the multiplier and what it means in radians.
     assert "batch size x gradient accumulation x processes" in text

@@ -56,9 +56,14 @@ def fake_hub(monkeypatch):
         calls.upload.append(dict(repo_id=repo_id, folder_path=folder_path, ignore_patterns=ignore_patterns, **kwargs))
         if calls.fail:
             raise calls.fail
-        files = sorted(os.path.relpath(os.path.join(root, f), folder_path).replace(os.sep, "/")
-                       for root, _, names in os.walk(folder_path) for f in names)
-        calls.uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        files = sorted(
+            os.path.relpath(os.path.join(root, f), folder_path).replace(os.sep, "/")
+            for root, _, names in os.walk(folder_path)
+            for f in names
+        )
+        calls.uploaded = sorted(
+            filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        )
         calls.readme = open(os.path.join(folder_path, "README.md")).read()
         return SimpleNamespace(commit_url="https://example.invalid/commit")
 
@@ -111,8 +116,17 @@ def test_push_to_hub_uploads_embeddings_images_and_card_only(sd_args, tmp_path, 
     (out / "logs" / "directional_textual_inversion").mkdir(parents=True)
     (out / "logs" / "directional_textual_inversion" / "events.out.tfevents.1.host").write_bytes(b"x")
     (out / ".tmp-abc-learned_embeds.safetensors").write_bytes(b"x")
-    argv = sd_args("--pretrained_model_name_or_path", str(licensed_base), "--push_to_hub", "--hub_model_id", "my-dti",
-                   "--validation_prompt", f"a {PLACEHOLDER} on a street", "--checkpointing_steps", "2")
+    argv = sd_args(
+        "--pretrained_model_name_or_path",
+        str(licensed_base),
+        "--push_to_hub",
+        "--hub_model_id",
+        "my-dti",
+        "--validation_prompt",
+        f"a {PLACEHOLDER} on a street",
+        "--checkpointing_steps",
+        "2",
+    )
     run_inprocess(argv)
 
     assert [c["repo_id"] for c in fake_hub.create] == ["my-dti"]
@@ -126,8 +140,11 @@ def test_push_to_hub_uploads_embeddings_images_and_card_only(sd_args, tmp_path, 
     # Nothing else than the card, top-level embeddings and pictures; no checkpoints, logs or temporary files.
     for name in uploaded:
         top_level = "/" not in name
-        assert (name == "README.md" or (top_level and name.endswith((".safetensors", ".png")))
-                or (name.startswith("validation/") and name.endswith(".png"))), name
+        assert (
+            name == "README.md"
+            or (top_level and name.endswith((".safetensors", ".png")))
+            or (name.startswith("validation/") and name.endswith(".png"))
+        ), name
         assert not name.startswith((".tmp-", "checkpoint-", "logs/")), name
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()  # present locally, not uploaded
 

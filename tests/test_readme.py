@@ -49,15 +49,20 @@ def test_readme_uses_dtype_not_the_deprecated_torch_dtype():
     assert "dtype=torch.float16" in readme
 
 
-
 @pytest.mark.subprocess
 def test_smoke_run_as_written(tmp_path):
     # what a user has after a clone: every top-level module (new ones included) and tools/
     for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))) + [os.path.join(ROOT, "tools")]:
         os.symlink(path, tmp_path / os.path.basename(path))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     for command in readme_block("Smoke run: offline, on a CPU, in under a minute"):
-        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert "generated smoke-output/toy.png" in result.stdout
     vectors = load_file(tmp_path / "smoke-output" / "learned_embeds.safetensors")["<toy>"]
@@ -75,15 +80,37 @@ def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_
     assert argv[:3] == ["accelerate", "launch", "train_directional_textual_inversion.py"]
     at = argv.index("--dataset_name") + 1
     assert argv[at] == "diffusers/cat_toy_example"
-    data = tmp_path / "cat_toy_example"  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
+    data = (
+        tmp_path / "cat_toy_example"
+    )  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
     data.mkdir()
     (data / ".gitattributes").write_text("*.jpeg filter=lfs diff=lfs merge=lfs -text\n")
     for i in range(6):
         Image.new("RGB", (48 + 8 * i, 40), (30 * i, 120, 200 - 20 * i)).save(data / f"{i + 1}.jpeg")
     argv[at] = str(data)
     out = tmp_path / "out"
-    result = run_inprocess(argv[3:] + ["--pretrained_model_name_or_path", tiny_sd, "--resolution", "32", "--max_train_steps", "1", "--output_dir", out,
-                                       "--cache_dir", tmp_path / "cache", "--report_to", "none", "--num_validation_images", "1",
-                                       "--num_validation_inference_steps", "1", "--crop_positions", "2"])
+    result = run_inprocess(
+        argv[3:]
+        + [
+            "--pretrained_model_name_or_path",
+            tiny_sd,
+            "--resolution",
+            "32",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            out,
+            "--cache_dir",
+            tmp_path / "cache",
+            "--report_to",
+            "none",
+            "--num_validation_images",
+            "1",
+            "--num_validation_inference_steps",
+            "1",
+            "--crop_positions",
+            "2",
+        ]
+    )
     assert result.data.num_images == 6
     assert load_file(out / "learned_embeds.safetensors")["<cat-toy>"].shape == (1, 32)

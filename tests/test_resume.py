@@ -44,8 +44,20 @@ def _dir_size(path):
 
 
 def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path):
-    flags = ("--rsgd_beta", "0.9", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "0.05", "--checkpointing_steps", "4",
-             "--log_steps", "4")
+    flags = (
+        "--rsgd_beta",
+        "0.9",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--learning_rate",
+        "0.05",
+        "--checkpointing_steps",
+        "4",
+        "--log_steps",
+        "4",
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     run_inprocess(sd_args(*flags, "--checkpoints_total_limit", "1", steps=8, out=a))
     # --checkpoints_total_limit 1 keeps only the newest checkpoint; a checkpoint is kilobytes, not a text encoder.
@@ -70,7 +82,9 @@ def test_exact_resume_with_optimizer_and_scheduler_state(sd_args, tmp_path):
     sb = torch.load(b / "checkpoint-8" / "training_state.pt", weights_only=True)
     assert sa["global_step"] == sb["global_step"] == 8
     for key in ("prior", "exp_avg_sq", "step"):
-        np.testing.assert_allclose(sb["optimizer"]["state"][0][key].numpy(), sa["optimizer"]["state"][0][key].numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            sb["optimizer"]["state"][0][key].numpy(), sa["optimizer"]["state"][0][key].numpy(), atol=1e-6
+        )
     # The training history travels in the checkpoint: the resumed run's curve covers the whole run.
     assert [h[0] for h in sb["history"]] == [h[0] for h in sa["history"]] == [4, 8]
     np.testing.assert_allclose(np.array(sb["history"]), np.array(sa["history"]), rtol=1e-5)
@@ -90,7 +104,9 @@ def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_p
     os.remove(b / "learned_embeds.safetensors")
     shutil.rmtree(b / "checkpoint-6")
     recorder = StepRecorder()
-    run_inprocess(sd_args(*flags, "--resume_from_checkpoint", "latest", steps=6, out=b, seed=None), recorder)  # a new seed is drawn, the stored one wins
+    run_inprocess(
+        sd_args(*flags, "--resume_from_checkpoint", "latest", steps=6, out=b, seed=None), recorder
+    )  # a new seed is drawn, the stored one wins
     assert recorder.steps == [4, 5, 6]
     eb = read_embeds(b / "learned_embeds.safetensors")[0][PLACEHOLDER]
     np.testing.assert_allclose(eb.numpy(), ea.numpy(), rtol=0, atol=1e-6)
@@ -144,8 +160,22 @@ def test_resume_trains_with_the_new_learning_rate_kappa_and_batch(sd_args, copie
 
     caplog.set_level(logging.INFO)
     start = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)["params"][0]
-    run_inprocess(sd_args("--resume_from_checkpoint", "latest", "--learning_rate", "0.001", "--kappa", "0", "--train_batch_size", "2",
-                          "--no-scale_lr", steps=5, out=out), callback)
+    run_inprocess(
+        sd_args(
+            "--resume_from_checkpoint",
+            "latest",
+            "--learning_rate",
+            "0.001",
+            "--kappa",
+            "0",
+            "--train_batch_size",
+            "2",
+            "--no-scale_lr",
+            steps=5,
+            out=out,
+        ),
+        callback,
+    )
     assert seen["group"]["lr"] == pytest.approx(0.001) and seen["group"]["kappa"] == 0
     # beta = 0: the one resumed step turned the direction by exactly the new learning rate
     assert angle(start, seen["before"]).max() == pytest.approx(0.001, rel=1e-3)
@@ -160,8 +190,15 @@ def test_resume_trains_with_the_new_learning_rate_kappa_and_batch(sd_args, copie
         assert any(f"--{flag} is {new}" in m and f"had {old}" in m for m in changes), (flag, changes)
 
 
-@pytest.mark.parametrize("flags, flag", [(["--initializer_token", "car"], "--initializer_token"), (["--optimizer", "adamw"], "--optimizer"),
-                                         (["--num_vectors", "2"], "--num_vectors"), (["--placeholder_token", "<other>"], "--placeholder_token")])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--initializer_token", "car"], "--initializer_token"),
+        (["--optimizer", "adamw"], "--optimizer"),
+        (["--num_vectors", "2"], "--num_vectors"),
+        (["--placeholder_token", "<other>"], "--placeholder_token"),
+    ],
+)
 def test_resume_refuses_what_makes_the_state_meaningless(sd_args, copied, capsys, flags, flag):
     """Before: another --initializer_token (the prior) was accepted silently."""
     out = copied
@@ -210,7 +247,9 @@ def test_a_damaged_checkpoint_is_skipped_by_latest_and_named_when_given(sd_args,
     assert "weights_only" not in line
     caplog.set_level(logging.WARNING)
     recorder = StepRecorder()
-    run_inprocess(sd_args("--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=6, out=out), recorder)
+    run_inprocess(
+        sd_args("--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=6, out=out), recorder
+    )
     assert recorder.steps == [3, 4, 5, 6]  # from checkpoint-2, the newest good one
     assert any("Skipping" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
 

@@ -76,10 +76,23 @@ def test_sigterm_saves_embedding_and_checkpoint_then_resume_finishes(sd_args, tm
     np.testing.assert_allclose(row_norms(tensors[PLACEHOLDER]), base_vocab["mean"], rtol=1e-5)
     state = torch.load(out / f"checkpoint-{stopped}" / "training_state.pt", weights_only=True)
     assert state["global_step"] == stopped
-    np.testing.assert_allclose(state["params"][0].numpy() * float(meta["norm"]), tensors[PLACEHOLDER].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        state["params"][0].numpy() * float(meta["norm"]), tensors[PLACEHOLDER].numpy(), rtol=1e-6, atol=1e-7
+    )
 
     recorder = StepRecorder()
-    run_inprocess(sd_args("--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest", steps=stopped + 2), recorder)
+    run_inprocess(
+        sd_args(
+            "--checkpointing_steps",
+            "5",
+            "--checkpoints_total_limit",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+            steps=stopped + 2,
+        ),
+        recorder,
+    )
     assert recorder.steps == [stopped + 1, stopped + 2]
     tensors2, meta2 = read_embeds(out / "learned_embeds.safetensors")
     assert meta2["steps"] == str(stopped + 2)
@@ -95,7 +108,9 @@ def test_sigterm_saves_embedding_and_checkpoint_then_resume_finishes(sd_args, tm
 def _start_and_wait(tmp_path, argv, marker, timeout=120):
     err_path = tmp_path / "stderr"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env())
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env()
+        )
     deadline = time.time() + timeout
     while marker not in err_path.read_text():
         assert proc.poll() is None, err_path.read_text()[-3000:]
@@ -105,8 +120,16 @@ def _start_and_wait(tmp_path, argv, marker, timeout=120):
 
 
 # A validation long enough to be caught in the middle: 3 x 400 denoising steps of the tiny UNet.
-_SLOW_VALIDATION = ("--validation_prompt", f"a {PLACEHOLDER}", "--validation_steps", "2", "--num_validation_images", "3",
-                    "--num_validation_inference_steps", "400")
+_SLOW_VALIDATION = (
+    "--validation_prompt",
+    f"a {PLACEHOLDER}",
+    "--validation_steps",
+    "2",
+    "--num_validation_images",
+    "3",
+    "--num_validation_inference_steps",
+    "400",
+)
 
 
 @pytest.mark.subprocess
@@ -140,7 +163,12 @@ def test_a_second_ctrl_c_still_saves_the_embedding(sd_args, tmp_path, capsys):
 
     module = train_module()
     previous = signal.getsignal(signal.SIGINT)
-    assert dti_cli.run_cli(lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=10, out=out)]) == 130
+    assert (
+        dti_cli.run_cli(
+            lambda args: module.main(args, callback), module.parse_args, [str(a) for a in sd_args(steps=10, out=out)]
+        )
+        == 130
+    )
     assert signal.getsignal(signal.SIGINT) is previous  # the run's handlers are gone
     err = capsys.readouterr().err
     assert "Received SIGINT" in err and "The embedding so far is saved" in err and "Traceback" not in err

@@ -79,7 +79,9 @@ def test_projx_gives_unit_rows_with_the_same_direction():
     # Projecting a unit row is (numerically) the identity; retr moves along a tangent vector and lands on the sphere.
     np.testing.assert_allclose(projx(r).numpy(), r.numpy(), atol=1e-7)
     u = proju(r, torch.randn(16, 32, generator=g) * 0.1)
-    np.testing.assert_allclose(retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6)
+    np.testing.assert_allclose(
+        retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6
+    )
 
 
 def test_proju_is_orthogonal_and_matches_formula():
@@ -149,7 +151,9 @@ def test_rsgd_beta0_moves_every_row_by_lr_radians_whatever_the_gradient_size():
     moved = angle(v0, p)
     np.testing.assert_allclose(moved, lr, atol=1e-5)  # atan(lr) = lr - lr^3/3: within 1e-5 of lr
     np.testing.assert_allclose(np.linalg.norm(p.detach().double().numpy(), axis=-1), 1.0, atol=1e-6)
-    ref, _ = ref_rsgd_step(v0.double().numpy(), grad.double().numpy(), np.zeros((8, 32)), np.zeros((8, 1)), 1, lr, 0.0, 0.0)
+    ref, _ = ref_rsgd_step(
+        v0.double().numpy(), grad.double().numpy(), np.zeros((8, 32)), np.zeros((8, 1)), 1, lr, 0.0, 0.0
+    )
     np.testing.assert_allclose(p.detach().double().numpy(), ref, atol=1e-6)
     # The step goes against the gradient: the loss's first-order change is negative for every row.
     delta = p.detach().double().numpy() - v0.double().numpy()
@@ -244,7 +248,9 @@ def test_rsgd_nonfinite_gradient_changes_nothing(bad):
     g2 = torch.randn(3, 16, generator=torch.Generator().manual_seed(33))
     p.grad = g2.clone()
     opt.step()
-    v, s = ref_rsgd_step(random_unit(3, 16, seed=30).double().numpy(), g1.double().numpy(), mu, np.zeros((3, 1)), 1, lr, kappa, beta)
+    v, s = ref_rsgd_step(
+        random_unit(3, 16, seed=30).double().numpy(), g1.double().numpy(), mu, np.zeros((3, 1)), 1, lr, kappa, beta
+    )
     v, s = ref_rsgd_step(v, g2.double().numpy(), mu, s, 2, lr, kappa, beta)
     np.testing.assert_allclose(p.detach().double().numpy(), v, atol=2e-6)
 
@@ -285,7 +291,11 @@ def test_rsgd_state_is_float32(dtype):
         p.grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(51)).to(dtype)
         opt.step()
     assert p.dtype == dtype
-    assert {k: v.dtype for k, v in opt.state[p].items()} == {"prior": torch.float32, "step": torch.float32, "exp_avg_sq": torch.float32}
+    assert {k: v.dtype for k, v in opt.state[p].items()} == {
+        "prior": torch.float32,
+        "step": torch.float32,
+        "exp_avg_sq": torch.float32,
+    }
 
 
 def test_rsgd_state_stays_float32_after_load_state_dict_for_half_parameters():
@@ -296,7 +306,11 @@ def test_rsgd_state_stays_float32_after_load_state_dict_for_half_parameters():
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = RiemannianSGD([q], lr=0.05, kappa=0.1, beta=0.9)
     opt2.load_state_dict(opt.state_dict())
-    assert {k: v.dtype for k, v in opt2.state[q].items()} == {"prior": torch.float32, "step": torch.float32, "exp_avg_sq": torch.float32}
+    assert {k: v.dtype for k, v in opt2.state[q].items()} == {
+        "prior": torch.float32,
+        "step": torch.float32,
+        "exp_avg_sq": torch.float32,
+    }
     assert torch.equal(opt2.state[q]["prior"], opt.state[p]["prior"])
 
 
@@ -324,8 +338,16 @@ def test_rsgd_add_param_group_then_step():
     grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(63))
     p.grad, q.grad = torch.randn(2, 8), grad.clone()
     opt.step()
-    v, s = ref_rsgd_step(random_unit(3, 8, seed=62).double().numpy(), grad.double().numpy(), random_unit(3, 8, seed=62).double().numpy(),
-                         np.zeros((3, 1)), 1, 0.02, 0.2, 0.5)
+    v, s = ref_rsgd_step(
+        random_unit(3, 8, seed=62).double().numpy(),
+        grad.double().numpy(),
+        random_unit(3, 8, seed=62).double().numpy(),
+        np.zeros((3, 1)),
+        1,
+        0.02,
+        0.2,
+        0.5,
+    )
     np.testing.assert_allclose(q.detach().double().numpy(), v, atol=2e-6)
     assert opt.state[q]["step"].item() == 1 and opt.param_groups[1]["kappa"] == 0.2  # the group's defaults filled in
 
@@ -436,4 +458,3 @@ def test_resolve_tokens_checks_the_expanded_names(tokenizer):
     resolve_tokens(tokenizer, "<c>", "toy", 2)  # <c>, <c>_1 are free
     with pytest.raises(DTIError, match="<c>_2"):
         resolve_tokens(tokenizer, "<c>", "toy", 3)
-

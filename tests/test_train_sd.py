@@ -51,13 +51,20 @@ def vocab_id(tokenizer, word):
 def e2e(tiny_sd, example_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "out"
     argv = sd_argv(
-        tiny_sd, example_images, out,
-        "--report_to", "tensorboard",
-        "--validation_prompt", f"a {PLACEHOLDER} in a japanese modern city street",
+        tiny_sd,
+        example_images,
+        out,
+        "--report_to",
+        "tensorboard",
+        "--validation_prompt",
+        f"a {PLACEHOLDER} in a japanese modern city street",
         "--save_as_full_pipeline",
-        "--save_steps", "2",
-        "--checkpointing_steps", "2",
-        "--log_steps", "2",
+        "--save_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--log_steps",
+        "2",
         steps=4,
     )
     rc, stdout, stderr = run_script(argv)
@@ -69,9 +76,17 @@ def test_e2e_exits_cleanly_and_writes_the_expected_files(e2e):
     assert e2e.rc == 0, e2e.stderr[-3000:]
     assert "Traceback" not in e2e.stderr
     out = e2e.out
-    for name in ("learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
-                 "checkpoint-2/training_state.pt", "checkpoint-4/training_state.pt", "validation/step-000004-0.png",
-                 "model_index.json", "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json"):
+    for name in (
+        "learned_embeds.safetensors",
+        "learned_embeds-steps-2.safetensors",
+        "learned_embeds-steps-4.safetensors",
+        "checkpoint-2/training_state.pt",
+        "checkpoint-4/training_state.pt",
+        "validation/step-000004-0.png",
+        "model_index.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
     assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)  # no half-written files left behind
     assert Image.open(out / "validation" / "step-000004-0.png").size == (32, 32)
@@ -172,8 +187,13 @@ def test_load_textual_inversion_round_trip(e2e, tiny_sd):
     learned = read_embeds(e2e.out / "learned_embeds.safetensors")[0][PLACEHOLDER]
     rows = pipe.text_encoder.get_input_embeddings().weight.detach()[[token_id]]
     assert torch.equal(rows.float(), learned)
-    image = pipe(f"a {PLACEHOLDER} in a city", num_inference_steps=2, height=32, width=32,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        f"a {PLACEHOLDER} in a city",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (32, 32)
     assert np.asarray(image).std() > 0  # a real picture, not a constant
 
@@ -217,10 +237,15 @@ def test_bf16_mixed_precision_keeps_directions_and_state_float32(sd_args, tmp_pa
     assert state["params"][0].dtype == torch.float32
     np.testing.assert_allclose(np.linalg.norm(state["params"][0].double().numpy(), axis=-1), 1.0, atol=1e-6)
     assert {k: v.dtype for k, v in state["optimizer"]["state"][0].items()} == {
-        "prior": torch.float32, "step": torch.float32, "exp_avg_sq": torch.float32}
+        "prior": torch.float32,
+        "step": torch.float32,
+        "exp_avg_sq": torch.float32,
+    }
 
 
-def test_multi_token_initializer_trains_one_vector_per_token_and_loads(sd_args, tmp_path, base_vocab, tokenizer, tiny_sd):
+def test_multi_token_initializer_trains_one_vector_per_token_and_loads(
+    sd_args, tmp_path, base_vocab, tokenizer, tiny_sd
+):
     run_inprocess(sd_args("--initializer_token", "red car toy", steps=2))
     tensors, meta = read_embeds(tmp_path / "out" / "learned_embeds.safetensors")
     vectors = tensors[PLACEHOLDER]
@@ -246,7 +271,9 @@ def test_multi_token_initializer_trains_one_vector_per_token_and_loads(sd_args, 
     rows = pipe.text_encoder.get_input_embeddings().weight.detach()[ids]
     assert rows.shape[0] == 3
     assert torch.equal(rows.float(), vectors)
-    image = pipe(f"a {PLACEHOLDER}", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        f"a {PLACEHOLDER}", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (32, 32)
 
 
@@ -280,7 +307,17 @@ def test_scale_lr_multiplies_the_step(sd_args, tmp_path, base_vocab, tokenizer):
     vectors = read_embeds(tmp_path / "out" / "learned_embeds.safetensors")[0][PLACEHOLDER]
     init = base_vocab["weight"][vocab_id(tokenizer, "toy")]
     np.testing.assert_allclose(angle(init[None], vectors), 4 * LR, atol=1e-4)
-    run_inprocess(sd_args("--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--no-scale_lr", steps=1, out=tmp_path / "noscale"))
+    run_inprocess(
+        sd_args(
+            "--train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--no-scale_lr",
+            steps=1,
+            out=tmp_path / "noscale",
+        )
+    )
     vectors = read_embeds(tmp_path / "noscale" / "learned_embeds.safetensors")[0][PLACEHOLDER]
     np.testing.assert_allclose(angle(init[None], vectors), LR, atol=1e-4)
 
@@ -294,9 +331,31 @@ def test_scale_lr_multiplies_the_step(sd_args, tmp_path, base_vocab, tokenizer):
 def test_log_lines_never_glue_to_the_progress_bar_and_no_alarming_notices(sd_args, tmp_path):
     """Before: '...norm=0.1124]21:46:08 - INFO ...'; transformers' torchvision notice on every command; diffusers'
     float32-modules notice on the README's own bf16 command."""
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, sd_args("--mixed_precision", "bf16", "--log_steps", "1", "--checkpointing_steps", "2",
-                                                                     "--validation_prompt", "a photo", steps=4, out=tmp_path / "out"))],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            *map(
+                str,
+                sd_args(
+                    "--mixed_precision",
+                    "bf16",
+                    "--log_steps",
+                    "1",
+                    "--checkpointing_steps",
+                    "2",
+                    "--validation_prompt",
+                    "a photo",
+                    steps=4,
+                    out=tmp_path / "out",
+                ),
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
     assert "Saved" in err and "INFO" in err
