@@ -77,7 +77,8 @@ def row_norms(t):
 
 
 def token_embedding_of(state):
-    """The token embedding matrix in a CLIP text encoder state dict (the key's prefix varies by transformers version)."""
+    """The token embedding matrix in a CLIP text encoder state dict (the key's prefix varies by transformers
+    version)."""
     keys = [k for k in state if k.endswith("embeddings.token_embedding.weight")]
     assert len(keys) == 1, sorted(state)
     return state[keys[0]]
@@ -241,7 +242,8 @@ def subprocess_env(**extra):
 
 
 def run_script(argv, timeout=240, cwd=None, env=None):
-    """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout, stderr)."""
+    """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout,
+    stderr)."""
     proc = subprocess.run(
         [sys.executable, SCRIPT, *[str(a) for a in argv]],
         cwd=cwd or REPO_ROOT,

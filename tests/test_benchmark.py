@@ -43,7 +43,8 @@ def test_benchmark_tiny_runs_both_loops(model, tmp_path):
 
 @pytest.mark.subprocess
 def test_gpu_script_runs_its_stages_and_writes_the_table(tmp_path):
-    """benchmarks/gpu_benchmarks.sh, the one command a GPU session runs, here on the tiny SD with 2 end-to-end steps."""
+    """benchmarks/gpu_benchmarks.sh, the one command a GPU session runs, here on the tiny SD with 2 end-to-end
+    steps."""
     out = tmp_path / "out"
     env = subprocess_env(
         PYTHON=sys.executable,
@@ -130,8 +131,8 @@ def test_table_checks_each_target_and_says_when_compile_pays():
     table, checks = format_table(results)
     assert table.count("| NVIDIA H200 | 2026-11-26 |") == 5
     assert (
-        "| sd15 512px batch 4 bf16 (default) | 270.0 | 40.0 | 6.75x | 6.00 / 3.00 | 9.0 | 7.5 | 400: 130.0 / 28.0 (0.22) |"
-        in table
+        "| sd15 512px batch 4 bf16 (default) | 270.0 | 40.0 | 6.75x | 6.00 / 3.00 | 9.0 | 7.5 "
+        "| 400: 130.0 / 28.0 (0.22) |" in table
     )
     assert "| sd15 512px batch 4 bf16 --cuda_graphs off | 270.0 | 100.0 | 2.70x | 6.00 / 5.20 | 0.4 | - | - |" in table
     assert "400: 130.0 / 40.0 (0.31)" in table  # the compiled run's end to end against the default run's reference
@@ -166,13 +167,15 @@ def test_table_checks_each_target_and_says_when_compile_pays():
     # (40 - 13.6) - (28 - 16) = 14.4 s more than the default on start-up: pays after 2400 steps
     pays = [line for line in lines if line.startswith("--compile on sd15")]
     assert pays == [
-        "--compile on sd15: compiling costs 101 s more than the default's first step (cold caches) and saves 6.0 ms/step: it pays "
-        "after 16833 steps; a second run (warm caches) spends 14 s more on start-up than the default and pays after 2400 steps"
+        "--compile on sd15: compiling costs 101 s more than the default's first step (cold caches) and saves "
+        "6.0 ms/step: it pays after 16833 steps; a second run (warm caches) spends 14 s more on start-up than the "
+        "default and pays after 2400 steps"
     ]
 
 
 def test_reference_loop_runs_epoch_after_epoch(tmp_path, monkeypatch):
-    """The reference keeps going past the end of its DataLoader, as the script's loop does (end-to-end runs are long)."""
+    """The reference keeps going past the end of its DataLoader, as the script's loop does (end-to-end runs are
+    long)."""
     import argparse
 
     import benchmark_training

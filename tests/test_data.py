@@ -122,7 +122,8 @@ def test_load_training_images_applies_exif_orientation(tmp_path):
 
 
 def _png_header_only(path, width, height):
-    """A PNG whose header announces width x height (Pillow refuses or decodes lazily; nothing this big is allocated)."""
+    """A PNG whose header announces width x height (Pillow refuses or decodes lazily; nothing this big is
+    allocated)."""
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -134,7 +135,8 @@ def _png_header_only(path, width, height):
 
 
 def test_huge_float_and_tiny_images(sd_args, tmp_path, capsys, caplog, example_images):
-    """Before: a decompression-bomb traceback; a float TIFF became near-black silently; a 1x1 image was upscaled silently."""
+    """Before: a decompression-bomb traceback; a float TIFF became near-black silently; a 1x1 image was upscaled
+    silently."""
     data = tmp_path / "data"
     shutil.copytree(example_images, data)
     _png_header_only(data / "huge.png", 30000, 30000)
@@ -188,8 +190,8 @@ def test_views_keep_the_aspect_ratio_each_one_its_crop_or_mirrored_crop(tiny_sd,
 
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_resize_mode_squash_is_diffusers_view(tiny_sd, odd_images, vae, tmp_path, center_crop):
-    """diffusers' TextualInversionDataset: (with --center_crop, the central square first, sliced as it slices it), then the
-    whole image resized bicubic to a square: one view per image and its mirror."""
+    """diffusers' TextualInversionDataset: (with --center_crop, the central square first, sliced as it slices it),
+    then the whole image resized bicubic to a square: one view per image and its mirror."""
     flags = ["--resize_mode", "squash"] + (["--center_crop"] if center_crop else [])
     data = run_inprocess(sd_argv(tiny_sd, odd_images, tmp_path / "out", *flags, steps=1)).data
     assert tuple(data.view_index.shape) == (2, 2, 1)

@@ -1,4 +1,5 @@
-"""evaluate_dti.py (metrics, generation, outputs, bad input), --evaluate_steps in training, and `dti_concepts.py rescale`.
+"""evaluate_dti.py (metrics, generation, outputs, bad input), --evaluate_steps in training, and
+`dti_concepts.py rescale`.
 
 Tiny random CLIP, SigLIP and DINOv2 models are built from configs (tools/make_tiny_pipeline.py). SigLIP's real
 tokenizer is SentencePiece (it needs the sentencepiece package and a trained model file); the tiny one is a Unigram
@@ -48,7 +49,8 @@ def cos(a, b):
 
 
 class ByHand:
-    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2 CLS."""
+    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2
+    CLS."""
 
     def __init__(self, encoders):
         from transformers import AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
@@ -169,8 +171,8 @@ def vocab_mean(model, encoder="text_encoder"):
 
 @pytest.fixture
 def eval_inputs(tiny_sd, encoders, tmp_path):
-    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of two vectors of norm 3), two
-    32 x 32 reference images, a prompt file of two prompts, and argv for two seeds."""
+    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of two vectors
+    of norm 3), two 32 x 32 reference images, a prompt file of two prompts, and argv for two seeds."""
     os.makedirs(tmp_path / "refs")
     for i in range(2):
         noise_image(20 + i).save(tmp_path / "refs" / f"{i}.png")

@@ -1,7 +1,7 @@
-"""The files we write, read the way each consumer reads them: diffusers itself, and re-implementations (written here,
-from their source) of AUTOMATIC1111's modules/safe.py + textual_inversion.py, ComfyUI's comfy/sd1_clip.py load_embed and
-kohya's gen_img.py. Also: the single file's name rule, slerp writing a folder or a file, the SDXL fp16 validation decode,
-and the model card. Offline, on the CPU.
+"""The files we write, read the way each consumer reads them: diffusers itself, and re-implementations (written
+here, from their source) of AUTOMATIC1111's modules/safe.py + textual_inversion.py, ComfyUI's comfy/sd1_clip.py
+load_embed and kohya's gen_img.py. Also: the single file's name rule, slerp writing a folder or a file, the SDXL fp16
+validation decode, and the model card. Offline, on the CPU.
 """
 
 import ast
@@ -123,8 +123,9 @@ def a1111_load(path, dims):
 
 
 def comfyui_load(path, dims):
-    """sd1_clip.py load_embed + the encoders' width check: the prompt says `embedding:STEM`; each encoder (clip_l, then
-    clip_g for SDXL) takes string_to_param's value, else its own key, else the first value, and ignores a wrong width."""
+    """sd1_clip.py load_embed + the encoders' width check: the prompt says `embedding:STEM`; each encoder (clip_l,
+    then clip_g for SDXL) takes string_to_param's value, else its own key, else the first value, and ignores a wrong
+    width."""
     data = _load_any(path)
     out = []
     for key, dim in zip(("clip_l", "clip_g"), dims):
@@ -185,7 +186,8 @@ def concepts():
 
 class FakeHub:
     """huggingface_hub's network calls replaced: create_repo/upload_folder record, and README.md downloads (which
-    ModelCard.load makes for the repository and the base model) find `cards` or raise EntryNotFoundError, as a new repo."""
+    ModelCard.load makes for the repository and the base model) find `cards` or raise EntryNotFoundError, as a new
+    repo."""
 
     def __init__(self, monkeypatch, tmp_path, cards=None):
         import huggingface_hub
@@ -214,8 +216,8 @@ class FakeHub:
 @pytest.fixture(scope="module")
 def fp16_run(tiny_sdxl, tmp_path_factory):
     """One SDXL run with --mixed_precision fp16 (the tiny VAE's config has force_upcast, as SDXL's does), validation,
-    --no_safe_serialization and --push_to_hub to a fake Hub. A global forward pre-hook (torch's public hook API) finds the
-    VAE decoder and records, at its first conv, the input and output dtypes and whether autocast was on."""
+    --no_safe_serialization and --push_to_hub to a fake Hub. A global forward pre-hook (torch's public hook API) finds
+    the VAE decoder and records, at its first conv, the input and output dtypes and whether autocast was on."""
     from diffusers.models.autoencoders.vae import Decoder
 
     import train_directional_textual_inversion_sdxl as sdxl
@@ -366,7 +368,8 @@ def test_single_key_safetensors_forms_register_their_token_in_diffusers(concepts
     a1111, comfyui = (
         ConceptEmbedding(f"<cat-toy-{i}>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 8 + i)}) for i in (1, 2)
     )
-    files = {  # every SD single-key .safetensors form we write -> its concept (three tokens, all loaded into one pipeline)
+    # every SD single-key .safetensors form we write -> its concept (three tokens, all loaded into one pipeline)
+    files = {
         dti_utils.write_diffusers(sd, str(tmp_path / "run"))[0]: sd,  # run/learned_embeds.safetensors
         dti_concepts.convert_embedding(_file(tmp_path, a1111), "a1111", str(tmp_path / "ui"))[
             0
@@ -617,7 +620,8 @@ def test_sdxl_card_from_the_training_run(fp16_run):
     norms = [e.norm for e in fp16_run.result.embeddings]
     assert f"text_encoder: {norms[0]:.4f}, text_encoder_2: {norms[1]:.4f}" in text
     assert "![validation image 0](validation/step-000001-0.png)" in text
-    # the two-call snippet and the single-file snippet (plus the template's placeholder block), for the .bin files written
+    # the two-call snippet and the single-file snippet (plus the template's placeholder block), for the .bin files
+    # written
     real = [s for s in snippets if "load_textual_inversion" in s]
     assert len(real) == 2
     for code in snippets:

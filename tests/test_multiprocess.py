@@ -86,7 +86,8 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
         str(wrapper),
         *argv,
     ]
-    # Plain torchrun as users type it: no `accelerate launch --cpu` (ACCELERATE_USE_CPU); the script must pick gloo itself.
+    # Plain torchrun as users type it: no `accelerate launch --cpu` (ACCELERATE_USE_CPU); the script must pick gloo
+    # itself.
     env = subprocess_env(OMP_NUM_THREADS="1", DTI_TEST_DUMP_DIR=str(dumps), DTI_TEST_SCRIPT=SCRIPT)
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)

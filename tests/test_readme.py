@@ -72,8 +72,9 @@ def test_smoke_run_as_written(tmp_path):
 
 
 def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_sd, tmp_path):
-    """The README's first command names the public example dataset; run as written (but for the tiny model, the size and
-    the step count) on a local folder with that dataset's layout, through the same `datasets` image-folder path."""
+    """The README's first command names the public example dataset; run as written (but for the tiny model, the size
+    and the step count) on a local folder with that dataset's layout, through the same `datasets` image-folder
+    path."""
     install, launch = readme_block("Install and train")[0].split(" && ")
     assert install == "pip install -r requirements.txt"
     argv = shlex.split(launch)

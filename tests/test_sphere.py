@@ -256,7 +256,7 @@ def test_rsgd_nonfinite_gradient_changes_nothing(bad):
 
 
 def test_rsgd_state_dict_round_trip_gives_identical_next_steps():
-    kwargs = dict(lr=0.03, kappa=0.5, beta=0.8)
+    kwargs = {"lr": 0.03, "kappa": 0.5, "beta": 0.8}
     p = torch.nn.Parameter(random_unit(4, 16, seed=40))
     opt = RiemannianSGD([p], **kwargs)
     gen = torch.Generator().manual_seed(41)
@@ -316,7 +316,7 @@ def test_rsgd_state_stays_float32_after_load_state_dict_for_half_parameters():
 
 def test_rsgd_rejects_bad_hyperparameters():
     p = torch.nn.Parameter(random_unit(1, 4, seed=0))
-    for kwargs in (dict(lr=-1.0), dict(kappa=-0.1), dict(beta=1.0), dict(beta=-0.1)):
+    for kwargs in ({"lr": -1.0}, {"kappa": -0.1}, {"beta": 1.0}, {"beta": -0.1}):
         with pytest.raises(ValueError):
             RiemannianSGD([p], **kwargs)
 

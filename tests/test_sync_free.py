@@ -161,7 +161,7 @@ def _rows(seed, n=3, dim=16):
 
 
 def test_grad_scaler_step_equals_the_unscaled_step_without_a_host_read():
-    kwargs = dict(lr=0.05, kappa=0.3, beta=0.9)  # kappa makes the unscaling matter even for the normalised step
+    kwargs = {"lr": 0.05, "kappa": 0.3, "beta": 0.9}  # kappa makes the unscaling matter even for the normalised step
     grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     plain = torch.nn.Parameter(_rows(0))
     opt = RiemannianSGD([plain], **kwargs)

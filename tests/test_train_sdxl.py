@@ -1,8 +1,8 @@
 """Tests of the SDXL script, train_directional_textual_inversion_sdxl.py, on a tiny random SDXL pipeline.
 
-The tiny pipeline (conftest's tiny_sdxl, made by tools/make_tiny_pipeline.make_tiny_sdxl) has encoder 1 of width 32, encoder 2 of width 64
-with a projection, and encoder 2's eos_token_id is 2 as in the real SDXL config, so its pooled output is taken
-at argmax(input_ids): the added placeholder token. Everything runs offline on the CPU.
+The tiny pipeline (conftest's tiny_sdxl, made by tools/make_tiny_pipeline.make_tiny_sdxl) has encoder 1 of width 32,
+encoder 2 of width 64 with a projection, and encoder 2's eos_token_id is 2 as in the real SDXL config, so its pooled
+output is taken at argmax(input_ids): the added placeholder token. Everything runs offline on the CPU.
 
 Runs are shared through module-scoped fixtures: one real entry-point run (subprocess) feeds the file, loading
 and pooled-output tests; the other runs call main() in this process.
@@ -29,7 +29,8 @@ from conftest import REPO_ROOT, StepRecorder, angle, read_embeds, sd_argv, subpr
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
 
 TOKEN = "<toy>"
-STEM = "toy-ti"  # single-file name for "<toy>": not "toy", an ordinary word that AUTOMATIC1111 would replace in every prompt
+# single-file name for "<toy>": not "toy", an ordinary word that AUTOMATIC1111 would replace in every prompt
+STEM = "toy-ti"
 PROMPT = "a photo of a <toy> in a city street"
 RES = 32
 IMAGE_SIZES = [(64 + 8 * i, 64) for i in range(4)]  # (width, height) written by make_example_images(count=4, size=64)
@@ -605,8 +606,9 @@ _RANK_WRAPPER = textwrap.dedent("""
 
     result = m.main(m.parse_args())  # the script's own main; its return value carries every rank's vectors
     world = int(os.environ["WORLD_SIZE"])
-    torch.save([e.param.detach().float().cpu().clone() for e in result.embeddings],
-               os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], f"params-rank{os.environ['RANK']}-of-{world}.pt"))
+    out = sys.argv[sys.argv.index("--output_dir") + 1]
+    params = [e.param.detach().float().cpu().clone() for e in result.embeddings]
+    torch.save(params, os.path.join(out, f"params-rank{os.environ['RANK']}-of-{world}.pt"))
 """)
 
 
