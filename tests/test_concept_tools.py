@@ -95,8 +95,8 @@ def make_sdxl_folder(folder, token, n, seed, m_l=0.4, m_g=0.45):
 def test_slerp_endpoints_midpoint_and_metadata(tmp_path, capsys):
     m = 0.3871
     a_vecs, b_vecs = m * unit_rows(2, 32, 0), m * unit_rows(2, 32, 1)
-    a = make_sd_file(tmp_path / "a.safetensors", "<a>", a_vecs, dti_meta(m))
-    b = make_sd_file(tmp_path / "b.safetensors", "<b>", b_vecs, dti_meta(m))
+    a = make_sd_file(tmp_path / "a.safetensors", token="<a>", vectors=a_vecs, meta=dti_meta(m))
+    b = make_sd_file(tmp_path / "b.safetensors", token="<b>", vectors=b_vecs, meta=dti_meta(m))
     out = tmp_path / "out"
     assert main(["slerp", a, b, "--alpha", "0", "0.5", "1", "--token", "<mix>", "--output", str(out)]) == 0
     assert "alpha 0.5" in capsys.readouterr().out
@@ -124,8 +124,8 @@ def test_slerp_endpoints_midpoint_and_metadata(tmp_path, capsys):
 
 
 def test_slerp_sdxl_pairs_per_encoder(tmp_path):
-    a, a_l, a_g = make_sdxl_folder(tmp_path / "a", "<a>", 2, seed=0)
-    b_folder, b_l, b_g = make_sdxl_folder(tmp_path / "b", "<b>", 2, seed=1)
+    a, a_l, a_g = make_sdxl_folder(tmp_path / "a", token="<a>", n=2, seed=0)
+    b_folder, b_l, b_g = make_sdxl_folder(tmp_path / "b", token="<b>", n=2, seed=1)
     # B in the single-file form: inputs of different forms blend all the same
     (b_single,) = convert_embedding(b_folder, "comfyui", str(tmp_path / "b-single"))
     assert set(read_embeds(b_single)[0]) == {"clip_l", "clip_g"}
@@ -157,8 +157,8 @@ def test_slerp_sdxl_pairs_per_encoder(tmp_path):
 
 
 def test_slerp_vector_count_mismatch_names_both_counts(tmp_path, capsys):
-    a = make_sd_file(tmp_path / "a.safetensors", "<a>", 0.4 * unit_rows(2, 32, 0), dti_meta(0.4))
-    b = make_sd_file(tmp_path / "b.safetensors", "<b>", 0.4 * unit_rows(1, 32, 1), dti_meta(0.4))
+    a = make_sd_file(tmp_path / "a.safetensors", token="<a>", vectors=0.4 * unit_rows(2, 32, 0), meta=dti_meta(0.4))
+    b = make_sd_file(tmp_path / "b.safetensors", token="<b>", vectors=0.4 * unit_rows(1, 32, 1), meta=dti_meta(0.4))
     with pytest.raises(DTIError, match=r"has 2 vector\(s\) but .* has 1 vector"):
         slerp_embeddings(a, b, [0.5], str(tmp_path / "out"), token="<mix>")
     assert main(["slerp", a, b, "--output", str(tmp_path / "out")]) == 2
@@ -166,7 +166,7 @@ def test_slerp_vector_count_mismatch_names_both_counts(tmp_path, capsys):
     assert err[-1].startswith("error: ") and "2 vector" in err[-1] and "1 vector" in err[-1]
     assert not os.path.exists(tmp_path / "out")
 
-    sdxl, _, _ = make_sdxl_folder(tmp_path / "x", "<x>", 2, seed=3)
+    sdxl, _, _ = make_sdxl_folder(tmp_path / "x", token="<x>", n=2, seed=3)
     with pytest.raises(DTIError, match=r"SDXL .* SD \(1 text encoder\)"):
         slerp_embeddings(sdxl, a, [0.5], str(tmp_path / "out2"), token="<mix>")
     with pytest.raises(DTIError, match=r"--alpha 1.5 is outside \[0, 1\]"):
@@ -176,7 +176,7 @@ def test_slerp_vector_count_mismatch_names_both_counts(tmp_path, capsys):
 def test_slerp_classic_ti_norms_warn_and_interpolate_linearly(tmp_path, capsys):
     dti = 0.4 * unit_rows(1, 32, 0)
     classic = 3.0 * unit_rows(1, 32, 1)
-    a = make_sd_file(tmp_path / "dti.safetensors", "<a>", dti, dti_meta(0.4))
+    a = make_sd_file(tmp_path / "dti.safetensors", token="<a>", vectors=dti, meta=dti_meta(0.4))
     b = str(tmp_path / "classic.bin")  # classic TI may be a torch.save'd .bin
     torch.save({"<b>": classic.clone()}, b)
     with pytest.warns(DTIWarning, match="different norms"):
@@ -194,8 +194,8 @@ def test_slerp_classic_ti_norms_warn_and_interpolate_linearly(tmp_path, capsys):
 
 def test_slerp_render_writes_labelled_strip(tmp_path, tiny_sd):
     m = 0.12
-    a = make_sd_file(tmp_path / "a.safetensors", "<a>", m * unit_rows(2, 32, 0), dti_meta(m))
-    b = make_sd_file(tmp_path / "b.safetensors", "<b>", m * unit_rows(2, 32, 1), dti_meta(m))
+    a = make_sd_file(tmp_path / "a.safetensors", token="<a>", vectors=m * unit_rows(2, 32, 0), meta=dti_meta(m))
+    b = make_sd_file(tmp_path / "b.safetensors", token="<b>", vectors=m * unit_rows(2, 32, 1), meta=dti_meta(m))
     out = tmp_path / "out"
     rc = main(
         [
@@ -231,8 +231,8 @@ def test_slerp_render_writes_labelled_strip(tmp_path, tiny_sd):
 
 
 def test_slerp_sdxl_render(tmp_path, tiny_sdxl):
-    a, _, _ = make_sdxl_folder(tmp_path / "a", "<a>", 1, seed=0, m_l=0.1, m_g=0.15)
-    b, _, _ = make_sdxl_folder(tmp_path / "b", "<b>", 1, seed=1, m_l=0.1, m_g=0.15)
+    a, _, _ = make_sdxl_folder(tmp_path / "a", token="<a>", n=1, seed=0, m_l=0.1, m_g=0.15)
+    b, _, _ = make_sdxl_folder(tmp_path / "b", token="<b>", n=1, seed=1, m_l=0.1, m_g=0.15)
     result = slerp_embeddings(a, b, [0.0, 1.0], str(tmp_path / "out"), token="<mix>", render=tiny_sdxl, steps=2)
     assert Image.open(result["strip"]).size == (2 * 32, 32 + strip_label_height(32))
 
@@ -241,8 +241,8 @@ def test_slerp_output_loads_in_diffusers_and_generates(tmp_path, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
     m = 0.12
-    a = make_sd_file(tmp_path / "a.safetensors", "<a>", m * unit_rows(2, 32, 0), dti_meta(m))
-    b = make_sd_file(tmp_path / "b.safetensors", "<b>", m * unit_rows(2, 32, 1), dti_meta(m))
+    a = make_sd_file(tmp_path / "a.safetensors", token="<a>", vectors=m * unit_rows(2, 32, 0), meta=dti_meta(m))
+    b = make_sd_file(tmp_path / "b.safetensors", token="<b>", vectors=m * unit_rows(2, 32, 1), meta=dti_meta(m))
     out = str(tmp_path / "out")
     slerp_embeddings(a, b, [0.3], out, token="<mix>")
     saved = read_embeds(os.path.join(out, "learned_embeds.safetensors"))[0]["<mix>"]
@@ -276,7 +276,7 @@ def test_slerp_output_loads_in_diffusers_and_generates(tmp_path, tiny_sd):
 def test_convert_sd_round_trips_bit_exact(tmp_path):
     vecs = 0.3 * unit_rows(3, 32, 7)
     vecs[0, 0] = 1e-38  # a subnormal-ish value survives too
-    src = make_sd_file(tmp_path / "src.safetensors", "<cat-toy>", vecs, dti_meta(0.3))
+    src = make_sd_file(tmp_path / "src.safetensors", token="<cat-toy>", vectors=vecs, meta=dti_meta(0.3))
 
     (pt,) = convert_embedding(src, "a1111", str(tmp_path / "cat.pt"))
     raw = torch.load(pt, weights_only=True)
@@ -304,7 +304,7 @@ def test_convert_sd_round_trips_bit_exact(tmp_path):
 
 
 def test_convert_sdxl_folder_single_file_round_trip(tmp_path):
-    folder, v_l, v_g = make_sdxl_folder(tmp_path / "run", "<dog>", 2, seed=5)
+    folder, v_l, v_g = make_sdxl_folder(tmp_path / "run", token="<dog>", n=2, seed=5)
     (single,) = convert_embedding(folder, "comfyui", str(tmp_path / "dog.safetensors"))
     tensors, meta = read_embeds(single)
     assert set(tensors) == {"clip_l", "clip_g"}
@@ -388,7 +388,9 @@ def test_inspect_json_with_model(tmp_path, tiny_sd, capsys):
     toy, dog = retract(row(weight, tokenizer, "toy")), retract(row(weight, tokenizer, "dog"))
     half = retract(toy + dog)  # halfway between toy and dog on the sphere
     vecs = (m * torch.stack([toy, half])).float()
-    emb = make_sd_file(tmp_path / "e.safetensors", "<toy-dti>", vecs, dti_meta(m, initializer="toy"))
+    emb = make_sd_file(
+        tmp_path / "e.safetensors", token="<toy-dti>", vectors=vecs, meta=dti_meta(m, initializer="toy")
+    )
 
     assert main(["inspect", emb, "--model", tiny_sd, "--k", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)  # JSON only on stdout
@@ -421,7 +423,10 @@ def test_inspect_json_with_model(tmp_path, tiny_sd, capsys):
 
     # a two-token initializer pairs vector i with token i
     emb2 = make_sd_file(
-        tmp_path / "e2.safetensors", "<tc>", (m * torch.stack([toy, dog])).float(), dti_meta(m, initializer="toy dog")
+        tmp_path / "e2.safetensors",
+        token="<tc>",
+        vectors=(m * torch.stack([toy, dog])).float(),
+        meta=dti_meta(m, initializer="toy dog"),
     )
     report2 = inspect_embedding(emb2, model=tiny_sd, k=1)
     angles = [v["angle_to_initializer_deg"] for v in report2["encoders"]["text_encoder"]["vectors"]]
@@ -431,7 +436,9 @@ def test_inspect_json_with_model(tmp_path, tiny_sd, capsys):
 
 def test_inspect_without_model_and_text_output(tmp_path, capsys):
     vecs = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
-    emb = make_sd_file(tmp_path / "e.safetensors", "<x>", vecs, dti_meta(None, method="textual_inversion"))
+    emb = make_sd_file(
+        tmp_path / "e.safetensors", token="<x>", vectors=vecs, meta=dti_meta(None, method="textual_inversion")
+    )
     report = inspect_embedding(emb)
     entry = report["encoders"]["text_encoder"]
     assert "vocabulary" not in entry and entry["vectors"][0]["norm"] == pytest.approx(5.0)

@@ -115,7 +115,7 @@ def test_load_training_images_applies_exif_orientation(tmp_path):
     pixels[:4] = (0, 255, 0)  # a green top stripe makes the rotation's sense visible
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
-    _save(tmp_path, "rotated.png", Image.fromarray(pixels), exif=exif)
+    _save(tmp_path, name="rotated.png", image=Image.fromarray(pixels), exif=exif)
     image = dti_cli.load_training_images(str(tmp_path))[0].image
     assert image.size == (20, 40)  # width, height swapped
     np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
@@ -182,9 +182,11 @@ def test_views_keep_the_aspect_ratio_each_one_its_crop_or_mirrored_crop(tiny_sd,
         for c in range(3):
             left, top = free_x * c // 2, free_y * c // 2  # first, middle, last position along the longer side
             crop = resized.crop((left, top, left + RES, top + RES))
-            torch.testing.assert_close(view_of(data, i, 0, c), vae_mean(vae, crop), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(
-                view_of(data, i, 1, c), vae_mean(vae, ImageOps.mirror(crop)), rtol=1e-5, atol=1e-5
+                view_of(data, image=i, flip=0, crop=c), vae_mean(vae, crop), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                view_of(data, image=i, flip=1, crop=c), vae_mean(vae, ImageOps.mirror(crop)), rtol=1e-5, atol=1e-5
             )
 
 
@@ -201,9 +203,9 @@ def test_resize_mode_squash_is_diffusers_view(tiny_sd, odd_images, vae, tmp_path
             crop, h, w = min(img.shape[0], img.shape[1]), img.shape[0], img.shape[1]
             img = img[(h - crop) // 2 : (h + crop) // 2, (w - crop) // 2 : (w + crop) // 2]
         square = Image.fromarray(img).resize((RES, RES), resample=Image.Resampling.BICUBIC)
-        torch.testing.assert_close(view_of(data, i, 0, 0), vae_mean(vae, square), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(view_of(data, image=i, flip=0, crop=0), vae_mean(vae, square), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
-            view_of(data, i, 1, 0), vae_mean(vae, ImageOps.mirror(square)), rtol=1e-5, atol=1e-5
+            view_of(data, image=i, flip=1, crop=0), vae_mean(vae, ImageOps.mirror(square)), rtol=1e-5, atol=1e-5
         )
 
 

@@ -152,7 +152,14 @@ def test_rsgd_beta0_moves_every_row_by_lr_radians_whatever_the_gradient_size():
     np.testing.assert_allclose(moved, lr, atol=1e-5)  # atan(lr) = lr - lr^3/3: within 1e-5 of lr
     np.testing.assert_allclose(np.linalg.norm(p.detach().double().numpy(), axis=-1), 1.0, atol=1e-6)
     ref, _ = ref_rsgd_step(
-        v0.double().numpy(), grad.double().numpy(), np.zeros((8, 32)), np.zeros((8, 1)), 1, lr, 0.0, 0.0
+        v=v0.double().numpy(),
+        grad=grad.double().numpy(),
+        mu=np.zeros((8, 32)),
+        s=np.zeros((8, 1)),
+        t=1,
+        lr=lr,
+        kappa=0.0,
+        beta=0.0,
     )
     np.testing.assert_allclose(p.detach().double().numpy(), ref, atol=1e-6)
     # The step goes against the gradient: the loss's first-order change is negative for every row.
@@ -219,7 +226,9 @@ def test_rsgd_matches_spec_reference_over_several_steps(beta, kappa):
         grad = torch.randn(rows, dim, generator=gen) * (10.0 ** (t - 3))  # magnitudes vary from step to step
         p.grad = grad.clone()
         opt.step()
-        v, s = ref_rsgd_step(v, grad.double().numpy(), mu.double().numpy(), s, t, lr, kappa, beta)
+        v, s = ref_rsgd_step(
+            v=v, grad=grad.double().numpy(), mu=mu.double().numpy(), s=s, t=t, lr=lr, kappa=kappa, beta=beta
+        )
         np.testing.assert_allclose(p.detach().double().numpy(), v, atol=2e-6, err_msg=f"step {t}")
     assert opt.state[p]["step"].item() == 5
     if beta > 0:
@@ -249,9 +258,16 @@ def test_rsgd_nonfinite_gradient_changes_nothing(bad):
     p.grad = g2.clone()
     opt.step()
     v, s = ref_rsgd_step(
-        random_unit(3, 16, seed=30).double().numpy(), g1.double().numpy(), mu, np.zeros((3, 1)), 1, lr, kappa, beta
+        v=random_unit(3, 16, seed=30).double().numpy(),
+        grad=g1.double().numpy(),
+        mu=mu,
+        s=np.zeros((3, 1)),
+        t=1,
+        lr=lr,
+        kappa=kappa,
+        beta=beta,
     )
-    v, s = ref_rsgd_step(v, g2.double().numpy(), mu, s, 2, lr, kappa, beta)
+    v, s = ref_rsgd_step(v=v, grad=g2.double().numpy(), mu=mu, s=s, t=2, lr=lr, kappa=kappa, beta=beta)
     np.testing.assert_allclose(p.detach().double().numpy(), v, atol=2e-6)
 
 
@@ -339,14 +355,14 @@ def test_rsgd_add_param_group_then_step():
     p.grad, q.grad = torch.randn(2, 8), grad.clone()
     opt.step()
     v, s = ref_rsgd_step(
-        random_unit(3, 8, seed=62).double().numpy(),
-        grad.double().numpy(),
-        random_unit(3, 8, seed=62).double().numpy(),
-        np.zeros((3, 1)),
-        1,
-        0.02,
-        0.2,
-        0.5,
+        v=random_unit(3, 8, seed=62).double().numpy(),
+        grad=grad.double().numpy(),
+        mu=random_unit(3, 8, seed=62).double().numpy(),
+        s=np.zeros((3, 1)),
+        t=1,
+        lr=0.02,
+        kappa=0.2,
+        beta=0.5,
     )
     np.testing.assert_allclose(q.detach().double().numpy(), v, atol=2e-6)
     assert opt.state[q]["step"].item() == 1 and opt.param_groups[1]["kappa"] == 0.2  # the group's defaults filled in
