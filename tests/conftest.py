@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random SD pipeline and example images built offline, and helpers that run the
-training script in-process (fast) or through its real entry point (a subprocess).
+"""Shared fixtures: tiny random SD and SDXL pipelines and example images built offline; helpers that run the
+training script in-process (fast) or through its real entry point (a subprocess); the scripts' defaults read from
+their own parsers (script_defaults), and the one angle between vectors every test measures with (angle).
 
 Nothing here may reach the Hugging Face Hub: the offline switches are set before any HF library is imported.
 """

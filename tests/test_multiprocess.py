@@ -23,7 +23,6 @@ from conftest import (
 )
 
 
-# Runs the real script's entry point, and after training has every rank dump its own vectors to a rank file.
 # Runs the script's main() as the entry point does, and has every rank dump what main() returns to a rank file.
 WRAPPER = textwrap.dedent(
     """

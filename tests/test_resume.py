@@ -115,8 +115,8 @@ def test_exact_resume_with_gradient_accumulation_and_a_drawn_seed(sd_args, tmp_p
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_resume_in_half_precision_ends_within_a_tenth_of_a_step(sd_args, tmp_path, precision):
     """fp16/bf16 resume: the state is restored exactly (loss scale included), but half-precision CPU kernels are not
-    bitwise reproducible from one process to the next on every CPU, so the bound is a tenth of one step's turn
-    (0.04 rad); a resume that lost any state ends a whole step or more away."""
+    bitwise reproducible from one process to the next on every CPU, so the bound is a tenth of one step's turn (here
+    the default learning rate x batch 2); a resume that lost any state ends a whole step or more away."""
     flags = ("--mixed_precision", precision, "--train_batch_size", "2", "--checkpointing_steps", "2")
     a, b = tmp_path / "a", tmp_path / "b"
     run_inprocess(sd_args(*flags, steps=4, out=a))
