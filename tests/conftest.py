@@ -1,12 +1,15 @@
-"""Shared fixtures: a tiny random SD pipeline and example images built offline, and helpers that run the
-training script in-process (fast) or through its real entry point (a subprocess).
+"""Shared fixtures: tiny random SD and SDXL pipelines and example images built offline; helpers that run the
+training script in-process (fast) or through its real entry point (a subprocess); the scripts' defaults read from
+their own parsers (script_defaults), and the one angle between vectors every test measures with (angle).
 
 Nothing here may reach the Hugging Face Hub: the offline switches are set before any HF library is imported.
 """
 
+import functools
 import os
 import subprocess
 import sys
+
 
 # -- Offline and quiet, for this process and every subprocess it starts (set before any HF import). --
 _OFFLINE_ENV = {
@@ -24,7 +27,15 @@ _OFFLINE_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 os.environ.update(_OFFLINE_ENV)
-for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_USE_CPU",
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+):
     os.environ.pop(_var, None)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,13 +49,37 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 PLACEHOLDER = "<toy-dti>"
 
 
+def angle(a, b):
+    """The angle in radians between a and b, row by row (the last axis is the vector), in float64 numpy: the atan2
+    form atan2(|b - (a.b) a|, a.b) of the unit vectors, exact down to tiny angles where arccos of a cosine is not.
+    a and b may be torch tensors (any dtype or device) or arrays, of any norm; they broadcast against each other."""
+    a, b = (_float64(x) for x in (a, b))
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    dot = (a * b).sum(-1)
+    return np.arctan2(np.linalg.norm(b - dot[..., None] * a, axis=-1), dot)
+
+
+def _float64(x):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def row_norms(t):
+    """The norm of every row of a tensor, in float64 numpy."""
+    return np.linalg.norm(t.double().numpy(), axis=-1)
+
+
 def token_embedding_of(state):
-    """The token embedding matrix in a CLIP text encoder state dict (the key's prefix varies by transformers version)."""
+    """The token embedding matrix in a CLIP text encoder state dict (the key's prefix varies by transformers
+    version)."""
     keys = [k for k in state if k.endswith("embeddings.token_embedding.weight")]
     assert len(keys) == 1, sorted(state)
     return state[keys[0]]
@@ -74,12 +109,23 @@ def example_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Folder of a tiny random StableDiffusionXLPipeline: encoder 1 of width 32, encoder 2 of width 64 with a
+    projection, and encoder 2's eos_token_id 2 as in the real SDXL config (its pooled output at argmax(input_ids))."""
+    from make_tiny_pipeline import make_tiny_sdxl
+
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl") / "pipe"), seed=0, eos_token_id_2=2)
+
+
+@pytest.fixture(scope="session")
 def base_vocab(tiny_sd):
     """The base text encoder's token embedding, read straight from its safetensors file (float64 numpy),
     with the reference statistics computed independently of dti_utils."""
     from safetensors.numpy import load_file
 
-    weight = token_embedding_of(load_file(os.path.join(tiny_sd, "text_encoder", "model.safetensors"))).astype(np.float64)
+    weight = token_embedding_of(load_file(os.path.join(tiny_sd, "text_encoder", "model.safetensors"))).astype(
+        np.float64
+    )
     norms = np.sqrt((weight * weight).sum(axis=1))
     nonzero = norms[norms > 0]
     return {
@@ -107,21 +153,36 @@ def sd_argv(pipeline, data, out, *extra, steps=4, seed=0):
     """Small, fast flags for the SD script; later flags in `extra` override these (argparse keeps the last).
     seed=None leaves --seed out (the script then draws one and stores it in checkpoints)."""
     argv = [
-        "--pretrained_model_name_or_path", str(pipeline),
-        "--train_data_dir", str(data),
-        "--output_dir", str(out),
-        "--placeholder_token", PLACEHOLDER,
-        "--initializer_token", "toy",
-        "--resolution", "32",
-        "--train_batch_size", "1",
-        "--repeats", "2",
-        "--max_train_steps", str(steps),
-        "--report_to", "none",
-        "--num_validation_images", "1",
-        "--num_validation_inference_steps", "2",
-        "--validation_steps", "1000",
-        "--checkpointing_steps", "1000",
-        "--save_steps", "1000",
+        "--pretrained_model_name_or_path",
+        str(pipeline),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--placeholder_token",
+        PLACEHOLDER,
+        "--initializer_token",
+        "toy",
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "1",
+        "--repeats",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--report_to",
+        "none",
+        "--num_validation_images",
+        "1",
+        "--num_validation_inference_steps",
+        "2",
+        "--validation_steps",
+        "1000",
+        "--checkpointing_steps",
+        "1000",
+        "--save_steps",
+        "1000",
     ]
     if seed is not None:
         argv += ["--seed", str(seed)]
@@ -132,6 +193,14 @@ def train_module():
     import train_directional_textual_inversion
 
     return train_directional_textual_inversion
+
+
+@functools.lru_cache(maxsize=None)
+def script_defaults(module=None):
+    """What a training script's public parse_args gives for the minimum required flags: its defaults, read from the
+    parser (with what its checks resolve, such as --learning_rate for the optimizer) instead of copied into tests."""
+    module = module or train_module()
+    return module.parse_args(["--placeholder_token", "<x>", "--initializer_token", "x", "--train_data_dir", "d"])
 
 
 def run_inprocess(argv, callback=None):
@@ -165,17 +234,24 @@ class StepRecorder:
 def subprocess_env(**extra):
     env = dict(os.environ)
     env.update(_OFFLINE_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT, TOOLS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 
 
 def run_script(argv, timeout=240, cwd=None, env=None):
-    """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout, stderr)."""
+    """`python train_directional_textual_inversion.py ARGV` through its real entry point: (returncode, stdout,
+    stderr)."""
     proc = subprocess.run(
         [sys.executable, SCRIPT, *[str(a) for a in argv]],
-        cwd=cwd or REPO_ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or REPO_ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -196,6 +272,17 @@ def training_outputs(out):
 
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def one_error(capsys, *words):
+    """The one `error:` line the run printed on stderr (no traceback), which must contain every word; returned."""
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture

@@ -18,7 +18,9 @@ from dti_utils import DTIError, GraphedUNet
 
 def emulated_make_graphed_callables(captures):
     def make(fn, sample_args, num_warmup_iters=3):
-        assert num_warmup_iters == 0  # GraphedUNet warms up itself, on the capture stream (no AccumulateGrad stream mismatch)
+        assert (
+            num_warmup_iters == 0
+        )  # GraphedUNet warms up itself, on the capture stream (no AccumulateGrad stream mismatch)
         captures.append([tuple(a.shape) for a in sample_args])
         static_output = fn(*sample_args).detach().clone()  # the real one warms up and captures from sample_args
 
@@ -46,13 +48,21 @@ def emulated_make_graphed_callables(captures):
 def _tiny_unet(sdxl):
     """The tiny pipelines' UNets (tools/make_tiny_pipeline.py): SDXL's with 96-dim context and 64-dim pooled text."""
     from diffusers import UNet2DConditionModel
+
     from make_tiny_pipeline import TINY_UNET
 
     torch.manual_seed(0)
     config = dict(TINY_UNET, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4)
     if sdxl:
-        config.update(attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                      transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 64, cross_attention_dim=96)
+        config.update(
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=6 * 8 + 64,
+            cross_attention_dim=96,
+        )
     return UNet2DConditionModel(**config).requires_grad_(False).eval()
 
 
@@ -61,7 +71,14 @@ def _inputs(batch, sdxl, seed):
     sample = torch.randn(batch, 4, 8, 8, generator=g)
     timestep = torch.randint(0, 1000, (batch,), generator=g)
     hidden = torch.randn(batch, 77, 96 if sdxl else 32, generator=g, requires_grad=True)
-    added = {"text_embeds": torch.randn(batch, 64, generator=g, requires_grad=True), "time_ids": torch.rand(batch, 6, generator=g) * 512} if sdxl else None
+    added = (
+        {
+            "text_embeds": torch.randn(batch, 64, generator=g, requires_grad=True),
+            "time_ids": torch.rand(batch, 6, generator=g) * 512,
+        }
+        if sdxl
+        else None
+    )
     return sample, timestep, hidden, added
 
 
@@ -86,7 +103,9 @@ def test_graphed_unet_equals_the_eager_unet_and_captures_once(sdxl, monkeypatch)
         for got, want in zip(got_grads, want_grads):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     hidden_dim = 96 if sdxl else 32
-    expected = [(2, 4, 8, 8), (2,), (2, 77, hidden_dim)] + ([(2, 64), (2, 6)] if sdxl else [])  # added conditioning in sorted key order
+    expected = [(2, 4, 8, 8), (2,), (2, 77, hidden_dim)] + (
+        [(2, 64), (2, 6)] if sdxl else []
+    )  # added conditioning in sorted key order
     assert captures == [expected]
 
 
@@ -112,22 +131,36 @@ def test_a_host_read_in_the_unet_keeps_the_run_eager_with_one_warning(monkeypatc
 
 def test_a_capture_that_fails_stops_the_run_with_one_sentence(monkeypatch):
     def failing(fn, sample_args, num_warmup_iters=3):
-        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be reported later")
+        raise RuntimeError(
+            "operation not permitted when stream is capturing\nCUDA kernel errors might be reported later"
+        )
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
     graphed = GraphedUNet(_tiny_unet(False))
     with pytest.raises(DTIError) as error:
         _loss_and_grads(graphed, *_inputs(2, False, seed=6))
     message = str(error.value)
-    assert "\n" not in message and "operation not permitted when stream is capturing" in message and "--cuda_graphs off" in message
+    assert (
+        "\n" not in message
+        and "operation not permitted when stream is capturing" in message
+        and "--cuda_graphs off" in message
+    )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--cuda_graphs"], "error: --cuda_graphs needs a CUDA GPU and this run is on cpu; drop the flag."),
-    (["--cuda_graphs", "--compile"], "error: --cuda_graphs does not go with --compile"),
-    (["--cuda_graphs", "on", "--gradient_checkpointing"], "error: --cuda_graphs does not go with --gradient_checkpointing"),
-])
-def test_explicit_cuda_graphs_with_what_cannot_have_them_is_one_clear_sentence(flags, message, sd_args, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--cuda_graphs"], "error: --cuda_graphs needs a CUDA GPU and this run is on cpu; drop the flag."),
+        (["--cuda_graphs", "--compile"], "error: --cuda_graphs does not go with --compile"),
+        (
+            ["--cuda_graphs", "on", "--gradient_checkpointing"],
+            "error: --cuda_graphs does not go with --gradient_checkpointing",
+        ),
+    ],
+)
+def test_explicit_cuda_graphs_with_what_cannot_have_them_is_one_clear_sentence(
+    flags, message, sd_args, tmp_path, capsys
+):
     from conftest import error_lines, run_cli_inprocess
 
     out = tmp_path / "out"
@@ -154,19 +187,29 @@ def test_graphs_by_default_fall_back_to_eager_with_one_info_line(sd_args, tmp_pa
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_full_size_unet_training_pass_reads_nothing_back_and_copies_nothing_from_the_host(model):
     """What a CUDA graph capture needs of the UNet: no host reads, no host->device copies (checked on 'meta')."""
-    from benchmark_training import SD15_UNET, SDXL_UNET
     from diffusers import UNet2DConditionModel
+
     from dti_utils import HostSyncRecorder as SyncRecorder
+
+    from benchmark_training import SD15_UNET, SDXL_UNET
 
     sdxl = model == "sdxl"
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(torch.bfloat16).requires_grad_(False).eval()
+        unet = (
+            UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(torch.bfloat16).requires_grad_(False).eval()
+        )
         batch, size, width = (1, 128, 2048) if sdxl else (4, 64, 768)
         sample = torch.randn(batch, 4, size, size, dtype=torch.bfloat16)
         timestep = torch.randint(0, 1000, (batch,))
         hidden = torch.randn(batch, 77, width, dtype=torch.bfloat16, requires_grad=True)
-        added = {"text_embeds": torch.randn(batch, 1280, dtype=torch.bfloat16, requires_grad=True),
-                 "time_ids": torch.randn(batch, 6, dtype=torch.bfloat16)} if sdxl else None
+        added = (
+            {
+                "text_embeds": torch.randn(batch, 1280, dtype=torch.bfloat16, requires_grad=True),
+                "time_ids": torch.randn(batch, 6, dtype=torch.bfloat16),
+            }
+            if sdxl
+            else None
+        )
     with SyncRecorder() as rec:
         pred = unet(sample, timestep, hidden, added_cond_kwargs=added).sample
         grads = torch.autograd.grad(pred, [hidden] + ([added["text_embeds"]] if sdxl else []), torch.ones_like(pred))

@@ -1,10 +1,14 @@
-"""The SD script's data and recipe: aspect-preserving views (and diffusers' squash on request), the resolution read from
-the model's configs, the velocity target of v-prediction models, and per-image captions. Offline, tiny models."""
+"""The SD script's data and recipe: reading the image files (other files skipped, image modes, EXIF orientation, huge,
+float and tiny images), aspect-preserving views (and diffusers' squash on request), the resolution read from the
+model's configs, the velocity target of v-prediction models, and per-image captions (resume with captions included).
+Offline, tiny models."""
 
 import json
 import logging
 import os
 import shutil
+import struct
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +19,9 @@ from PIL import Image, ImageOps
 
 import dti_cli
 import dti_utils
-from conftest import PLACEHOLDER, read_embeds, run_cli_inprocess, run_inprocess, sd_argv
+
+from conftest import PLACEHOLDER, one_error, read_embeds, row_norms, run_cli_inprocess, run_inprocess, sd_argv
+
 
 RES = 32
 
@@ -49,6 +55,115 @@ def view_of(data, image, flip, crop):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Image files: other files skipped, image modes, EXIF, and huge, float and tiny images
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_other_files_beside_images_are_skipped_with_a_warning(sd_args, tmp_path, example_images, caplog, base_vocab):
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    (data / "notes.txt").write_text("my cat toy")
+    (data / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + os.urandom(64))
+    (data / "sub").mkdir()
+    caplog.set_level(logging.INFO)
+    run_inprocess(sd_args(data=data, steps=1))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "dti"]
+    assert any("notes.txt" in w for w in warnings), warnings
+    assert any("Images = 4 x" in r.getMessage() for r in caplog.records)  # the four PNGs, nothing else
+    vectors = read_embeds(tmp_path / "out" / "learned_embeds.safetensors")[0][PLACEHOLDER]
+    np.testing.assert_allclose(row_norms(vectors), base_vocab["mean"], rtol=1e-5)
+
+
+def _save(folder, name, image, **kwargs):
+    os.makedirs(folder, exist_ok=True)
+    image.save(os.path.join(folder, name), **kwargs)
+
+
+def test_load_training_images_rgba_and_greyscale(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, 4:] = (200, 10, 10, 255)  # left half fully transparent, right half opaque red
+    _save(tmp_path, "a_rgba.png", Image.fromarray(rgba, "RGBA"))
+    _save(tmp_path, "b_grey.png", Image.fromarray(np.full((8, 8), 100, np.uint8), "L"))
+    palette = Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    _save(tmp_path, "c_palette.png", palette)
+    _save(
+        tmp_path,
+        "d_grey_alpha.png",
+        Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA"),
+    )
+    images = dti_cli.load_training_images(str(tmp_path))
+    assert [im.image.mode for im in images] == ["RGB"] * 4
+    a, b, c, d = (np.asarray(im.image) for im in images)
+    assert (a[:, :4] == 255).all()  # transparency composited on white
+    assert (a[:, 4:] == (200, 10, 10)).all()
+    assert (b == 100).all()
+    assert (c == (10, 20, 30)).all()
+    assert (d == 255).all()
+
+
+def test_load_training_images_16_bit_greyscale_is_scaled(tmp_path):
+    values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
+    _save(tmp_path, "g16.png", Image.fromarray(values))
+    image = np.asarray(dti_cli.load_training_images(str(tmp_path))[0].image).astype(np.float64)
+    np.testing.assert_allclose(image[..., 0], values / 257.0, atol=1.0)
+
+
+def test_load_training_images_applies_exif_orientation(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    pixels[:4] = (0, 255, 0)  # a green top stripe makes the rotation's sense visible
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
+    _save(tmp_path, name="rotated.png", image=Image.fromarray(pixels), exif=exif)
+    image = dti_cli.load_training_images(str(tmp_path))[0].image
+    assert image.size == (20, 40)  # width, height swapped
+    np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header announces width x height (Pillow refuses or decodes lazily; nothing this big is
+    allocated)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
+
+
+def test_huge_float_and_tiny_images(sd_args, tmp_path, capsys, caplog, example_images):
+    """Before: a decompression-bomb traceback; a float TIFF became near-black silently; a 1x1 image was upscaled
+    silently."""
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    _png_header_only(data / "huge.png", 30000, 30000)
+    assert run_cli_inprocess(sd_args(data=data)) == 2
+    one_error(capsys, "huge.png", "resize it")
+    os.remove(data / "huge.png")
+
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(values, "F").save(data / "float.tif")
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(data / "dot.png")
+    images = {os.path.basename(im.name): im.image for im in dti_cli.load_training_images(str(data))}
+    np.testing.assert_allclose(
+        np.asarray(images["float.tif"])[..., 0], np.round(values * 255), atol=0.5
+    )  # scaled, not near-black
+    caplog.set_level(logging.WARNING)
+    run_inprocess(sd_args(data=data, steps=1, out=tmp_path / "ok"))
+    small = [r.getMessage() for r in caplog.records if "far smaller than --resolution" in r.getMessage()]
+    assert (
+        len(small) == 1 and "dot.png (1x1)" in small[0] and "float.tif" not in small[0]
+    )  # 8 px: a quarter of 32, kept
+
+    Image.fromarray(values * 4 - 1, "F").save(data / "float.tif")  # outside [0, 1]: no meaning to assume
+    assert run_cli_inprocess(sd_args(data=data)) == 2
+    one_error(capsys, "float.tif", "outside [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Views: shorter side to the resolution, square crops along the longer side; --resize_mode squash is diffusers'
 # ----------------------------------------------------------------------------------------------------
 
@@ -67,14 +182,18 @@ def test_views_keep_the_aspect_ratio_each_one_its_crop_or_mirrored_crop(tiny_sd,
         for c in range(3):
             left, top = free_x * c // 2, free_y * c // 2  # first, middle, last position along the longer side
             crop = resized.crop((left, top, left + RES, top + RES))
-            torch.testing.assert_close(view_of(data, i, 0, c), vae_mean(vae, crop), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(view_of(data, i, 1, c), vae_mean(vae, ImageOps.mirror(crop)), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                view_of(data, image=i, flip=0, crop=c), vae_mean(vae, crop), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                view_of(data, image=i, flip=1, crop=c), vae_mean(vae, ImageOps.mirror(crop)), rtol=1e-5, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_resize_mode_squash_is_diffusers_view(tiny_sd, odd_images, vae, tmp_path, center_crop):
-    """diffusers' TextualInversionDataset: (with --center_crop, the central square first, sliced as it slices it), then the
-    whole image resized bicubic to a square: one view per image and its mirror."""
+    """diffusers' TextualInversionDataset: (with --center_crop, the central square first, sliced as it slices it),
+    then the whole image resized bicubic to a square: one view per image and its mirror."""
     flags = ["--resize_mode", "squash"] + (["--center_crop"] if center_crop else [])
     data = run_inprocess(sd_argv(tiny_sd, odd_images, tmp_path / "out", *flags, steps=1)).data
     assert tuple(data.view_index.shape) == (2, 2, 1)
@@ -84,8 +203,10 @@ def test_resize_mode_squash_is_diffusers_view(tiny_sd, odd_images, vae, tmp_path
             crop, h, w = min(img.shape[0], img.shape[1]), img.shape[0], img.shape[1]
             img = img[(h - crop) // 2 : (h + crop) // 2, (w - crop) // 2 : (w + crop) // 2]
         square = Image.fromarray(img).resize((RES, RES), resample=Image.Resampling.BICUBIC)
-        torch.testing.assert_close(view_of(data, i, 0, 0), vae_mean(vae, square), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(view_of(data, i, 1, 0), vae_mean(vae, ImageOps.mirror(square)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(view_of(data, image=i, flip=0, crop=0), vae_mean(vae, square), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            view_of(data, image=i, flip=1, crop=0), vae_mean(vae, ImageOps.mirror(square)), rtol=1e-5, atol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,7 +219,10 @@ def tiny_sd2(tiny_sd, tmp_path_factory):
     """The tiny pipeline made SD 2.x-like: v-prediction, and a UNet sample_size of 24 (x VAE factor 2 = 48 px)."""
     folder = tmp_path_factory.mktemp("sd2") / "tiny-sd2"
     shutil.copytree(tiny_sd, folder)
-    for path, key, value in (("unet/config.json", "sample_size", 24), ("scheduler/scheduler_config.json", "prediction_type", "v_prediction")):
+    for path, key, value in (
+        ("unet/config.json", "sample_size", 24),
+        ("scheduler/scheduler_config.json", "prediction_type", "v_prediction"),
+    ):
         config = json.loads((folder / path).read_text())
         config[key] = value
         (folder / path).write_text(json.dumps(config))
@@ -137,12 +261,19 @@ def test_default_resolution_is_read_from_the_configs_alone(tiny_sd2, tmp_path, m
         (configs_only / "unet" / "config.json").write_text(json.dumps({"sample_size": sample_size}))
         (configs_only / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
         assert dti_cli.model_resolution(str(configs_only)) == expected
-    assert sdxl.parse_args(["--train_data_dir", "x", "--placeholder_token", "<t>", "--initializer_token", "toy"]).resolution == 768
+    assert (
+        sdxl.parse_args(
+            ["--train_data_dir", "x", "--placeholder_token", "<t>", "--initializer_token", "toy"]
+        ).resolution
+        == 768
+    )
 
 
 @pytest.fixture(scope="module")
 def sd2_run(tiny_sd2, example_images, tmp_path_factory):
-    argv = sd_argv(tiny_sd2, example_images, tmp_path_factory.mktemp("sd2-run") / "out", "--crop_positions", "2", steps=1)
+    argv = sd_argv(
+        tiny_sd2, example_images, tmp_path_factory.mktemp("sd2-run") / "out", "--crop_positions", "2", steps=1
+    )
     del argv[argv.index("--resolution") : argv.index("--resolution") + 2]  # no --resolution: the model's own
     root, messages = logging.getLogger(), []
     handler, level = logging.Handler(logging.INFO), root.level
@@ -173,8 +304,15 @@ def test_v_prediction_loss_is_against_the_velocity(sd2_run, tiny_sd2):
     vae_config = AutoencoderKL.load_config(tiny_sd2, subfolder="vae")
     batch = sd2_run[0].data.batch(0, 2, 1, 0)
     hidden = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0))
-    ours = dti_utils.diffusion_loss(unet, scheduler, batch, hidden, dti_utils.step_generator(5, 0, 0, "cpu"),
-                                    SimpleNamespace(**vae_config), torch.float32)
+    ours = dti_utils.diffusion_loss(
+        unet,
+        scheduler,
+        batch,
+        hidden,
+        dti_utils.step_generator(5, 0, 0, "cpu"),
+        SimpleNamespace(**vae_config),
+        torch.float32,
+    )
 
     g = dti_utils.step_generator(5, 0, 0, "cpu")  # the same stream: latent sample, noise, timesteps
     x0 = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * vae_config["scaling_factor"]
@@ -188,7 +326,9 @@ def test_v_prediction_loss_is_against_the_velocity(sd2_run, tiny_sd2):
         pred = unet(alpha_t * x0 + sigma_t * noise, t, hidden).sample
     expected = F.mse_loss(pred, alpha_t * noise - sigma_t * x0)
     torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-6)
-    assert not torch.isclose(expected, F.mse_loss(pred, noise), rtol=1e-2)  # the epsilon target would give another loss
+    assert not torch.isclose(
+        expected, F.mse_loss(pred, noise), rtol=1e-2
+    )  # the epsilon target would give another loss
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,7 +360,11 @@ def ids_of(tiny_sd):
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
     tokenizer.add_tokens([PLACEHOLDER])
-    return lambda text: tokenizer(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids[0].tolist()
+    return lambda text: (
+        tokenizer(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        .input_ids[0]
+        .tolist()
+    )
 
 
 def epoch_prompts(data):
@@ -237,8 +381,20 @@ def epoch_prompts(data):
 @pytest.mark.parametrize("dropout", ["0", "1"])
 def test_captions_give_the_expected_prompts(tiny_sd, captioned_images, ids_of, tmp_path, caplog, dropout):
     caplog.set_level(logging.INFO)
-    argv = sd_argv(tiny_sd, captioned_images, tmp_path / "out", "--caption_token", "toy", "--caption_dropout", dropout, "--repeats", "4",
-                   "--crop_positions", "1", steps=1)
+    argv = sd_argv(
+        tiny_sd,
+        captioned_images,
+        tmp_path / "out",
+        "--caption_token",
+        "toy",
+        "--caption_dropout",
+        dropout,
+        "--repeats",
+        "4",
+        "--crop_positions",
+        "1",
+        steps=1,
+    )
     data = run_inprocess(argv).data
     templates = [ids_of(t.format(PLACEHOLDER)) for t in dti_utils.OBJECT_TEMPLATES]
     names = sorted(n[:-4] for n in os.listdir(captioned_images) if n.endswith(".png"))
@@ -253,21 +409,41 @@ def test_captions_give_the_expected_prompts(tiny_sd, captioned_images, ids_of, t
     assert not any("not images" in w for w in warnings), warnings  # the caption files are not "other files"
     assert len([w for w in warnings if "have a caption" in w]) == 1  # a run mixing captions and templates says so once
     cut = [w for w in warnings if "are cut" in w]
-    assert len(cut) == 1 and cut[0].endswith(f"1 caption(s) run past the text encoder's 77 tokens and are cut there: {captioned_images / 'example_4.png'}")
+    assert len(cut) == 1 and cut[0].endswith(
+        f"1 caption(s) run past the text encoder's 77 tokens and are cut there: {captioned_images / 'example_4.png'}"
+    )
 
 
 def test_caption_naming_the_placeholder_gets_all_its_tokens():
     """A caption that writes the placeholder itself keeps it, each vector's token in place (a multi-vector token)."""
-    assert dti_utils.caption_prompt("a <T> toy by the sea", "<t> <t>_1", "toy") == "a <t> <t>_1 toy by the sea"  # before the class word
-    assert dti_utils.caption_prompt("a <t>_1 and a toy", "<t> <t>_1", "toy") == "a <t>_1 and a <t> <t>_1"  # <t>_1 is not <t>
+    assert (
+        dti_utils.caption_prompt("a <T> toy by the sea", "<t> <t>_1", "toy") == "a <t> <t>_1 toy by the sea"
+    )  # before the class word
+    assert (
+        dti_utils.caption_prompt("a <t>_1 and a toy", "<t> <t>_1", "toy") == "a <t>_1 and a <t> <t>_1"
+    )  # <t>_1 is not <t>
     assert dti_utils.caption_prompt("{} and {}", "<t>", "toy") == "<t> and <t>"
 
 
 def test_resume_is_exact_with_captions(tiny_sd, captioned_images, tmp_path):
-    flags = ("--caption_token", "toy", "--caption_dropout", "0.5", "--repeats", "1", "--train_batch_size", "2", "--checkpointing_steps", "2",
-             "--crop_positions", "2")
+    flags = (
+        "--caption_token",
+        "toy",
+        "--caption_dropout",
+        "0.5",
+        "--repeats",
+        "1",
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--crop_positions",
+        "2",
+    )
     out = tmp_path / "out"
-    run_inprocess(sd_argv(tiny_sd, captioned_images, out, *flags, steps=4))  # 5 samples, batch 2: 3 steps an epoch, so step 4 is epoch 1
+    run_inprocess(
+        sd_argv(tiny_sd, captioned_images, out, *flags, steps=4)
+    )  # 5 samples, batch 2: 3 steps an epoch, so step 4 is epoch 1
     uninterrupted = read_embeds(out / "learned_embeds.safetensors")[0][PLACEHOLDER]
     os.remove(out / "learned_embeds.safetensors")
     shutil.rmtree(out / "checkpoint-4")
@@ -284,10 +460,14 @@ def test_caption_column_of_a_dataset(tmp_path):
         Image.new("RGB", (40, 32), (40 * i, 80, 120)).save(folder / f"{i}.jpeg")
     rows = [{"file_name": "0.jpeg", "text": "a {} on a  table"}, {"file_name": "1.jpeg", "text": ""}]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    images = dti_cli.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="text")
+    images = dti_cli.load_training_images(
+        dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="text"
+    )
     assert [im.caption for im in images] == ["a {} on a table", None]
     with pytest.raises(dti_utils.DTIError, match="--caption_column 'caption'"):
-        dti_cli.load_training_images(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="caption")
+        dti_cli.load_training_images(
+            dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="caption"
+        )
 
 
 def test_caption_column_needs_a_dataset(tiny_sd, example_images, tmp_path, capsys):
@@ -301,7 +481,13 @@ def test_help_says_how_captions_and_views_work(capsys):
     with pytest.raises(SystemExit):
         sd.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("NAME.txt beside NAME.jpg", "placeholder written at '{}', else in place of this word", "else prefixed",
-                  "Images without a caption use the templates", "aspect ratio is kept", "squash: diffusers' example",
-                  "the model's own, unet sample_size x VAE scale factor"):
+    for words in (
+        "NAME.txt beside NAME.jpg",
+        "placeholder written at '{}', else in place of this word",
+        "else prefixed",
+        "Images without a caption use the templates",
+        "aspect ratio is kept",
+        "squash: diffusers' example",
+        "the model's own, unet sample_size x VAE scale factor",
+    ):
         assert words in text, words

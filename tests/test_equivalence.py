@@ -1,6 +1,5 @@
 """Each speed-up leaves the math unchanged: cached latents, prompts tokenized once, placeholder rows only."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +7,16 @@ from PIL import ImageOps
 
 import dti_cli
 import dti_utils
-from dti_utils import DirectionalEmbedding, TrainingData, build_views, diffusion_loss, encode_views, prompt_templates, step_generator, tokenize_prompts
+from dti_utils import (
+    DirectionalEmbedding,
+    TrainingData,
+    build_views,
+    diffusion_loss,
+    encode_views,
+    prompt_templates,
+    step_generator,
+    tokenize_prompts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +37,14 @@ def models(tiny_sd):
 def data(models, example_images):
     images = [dti_utils.square_view(im.image, 32) for im in dti_cli.load_training_images(example_images)]
     keys, view_index = build_views(images, lambda image: [None], flip=True)
-    means, stds = encode_views(models["vae"], keys, lambda i, crop: images[i], "cpu", batch_size=3)  # chunks that do not divide the views
+    means, stds = encode_views(
+        models["vae"], keys, lambda i, crop: images[i], "cpu", batch_size=3
+    )  # chunks that do not divide the views
     prompt_ids = tokenize_prompts([models["tokenizer"]], [t.format("toy") for t in prompt_templates("object")], "cpu")
     built = TrainingData(means, stds, view_index, prompt_ids, repeats=3, flip_p=0.5, seed=7)
-    views = [dti_utils.image_to_tensor(ImageOps.mirror(images[i]) if mirrored else images[i]) for i, mirrored, _ in keys]
+    views = [
+        dti_utils.image_to_tensor(ImageOps.mirror(images[i]) if mirrored else images[i]) for i, mirrored, _ in keys
+    ]
     return built, views, images
 
 
@@ -62,7 +74,13 @@ def test_prompts_tokenized_once_equal_tokenizing_each_step(models, data):
     built, _, _ = data
     tokenizer = models["tokenizer"]
     for i, template in enumerate(prompt_templates("object")):
-        ids = tokenizer(template.format("toy"), padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        ids = tokenizer(
+            template.format("toy"),
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
         assert torch.equal(built.prompt_ids[0][i], ids)
 
 
@@ -76,7 +94,10 @@ def test_diffusion_loss_equals_the_encode_every_step_reference(models, data):
 
     view_ids = [int(torch.nonzero((built.latent_means == m).flatten(1).all(1))[0]) for m in batch["mean"]]
     g = step_generator(7, 0, 0, "cpu")
-    latents = vae.encode(torch.stack([views[i] for i in view_ids])).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    latents = (
+        vae.encode(torch.stack([views[i] for i in view_ids])).latent_dist.sample(generator=g)
+        * vae.config.scaling_factor
+    )
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
     pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
@@ -93,14 +114,18 @@ def test_placeholder_rows_only_equal_training_the_whole_matrix(tiny_sd):
         encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").requires_grad_(False)
         tokens, init_ids = dti_utils.resolve_tokens(tokenizer, "<t>", "toy", 2)
         ids = dti_utils.add_placeholder_tokens(tokenizer, encoder, tokens)
-        prompt = tokenizer("a photo of <t> <t>_1 with a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        prompt = tokenizer(
+            "a photo of <t> <t>_1 with a dog", padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         return tokenizer, encoder, tokens, ids, init_ids, prompt
 
     target = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
 
     _, encoder, tokens, ids, init_ids, prompt = setup()
     original = encoder.get_input_embeddings().weight.detach().clone()
-    concept = DirectionalEmbedding(encoder, tokens, ids, init_ids, len(original) - 2, norm=None)  # classic TI: the free embedding
+    concept = DirectionalEmbedding(
+        encoder, tokens, ids, init_ids, len(original) - 2, norm=None
+    )  # classic TI: the free embedding
     loss_hook = F.mse_loss(encoder(prompt)[0], target)
     loss_hook.backward()
     assert torch.equal(encoder.get_input_embeddings().weight, original)  # the matrix itself is untouched
@@ -115,7 +140,9 @@ def test_placeholder_rows_only_equal_training_the_whole_matrix(tiny_sd):
 
     torch.testing.assert_close(loss_hook, loss_full, rtol=0, atol=0)
     torch.testing.assert_close(concept.param.grad, weight.grad[ids2], rtol=1e-6, atol=1e-9)
-    assert weight.grad[: len(original) - 2].abs().sum() > 0  # the dense path computes 600+ rows of gradient for nothing
+    assert (
+        weight.grad[: len(original) - 2].abs().sum() > 0
+    )  # the dense path computes 600+ rows of gradient for nothing
 
 
 def test_compile_flag_trains_through_the_compiled_unet_with_the_same_result(sd_args, tmp_path, monkeypatch):

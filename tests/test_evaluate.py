@@ -1,4 +1,5 @@
-"""evaluate_dti.py (metrics, generation, outputs, bad input), --evaluate_steps in training, and `dti_concepts.py rescale`.
+"""evaluate_dti.py (metrics, generation, outputs, bad input), --evaluate_steps in training, and
+`dti_concepts.py rescale`.
 
 Tiny random CLIP, SigLIP and DINOv2 models are built from configs (tools/make_tiny_pipeline.py). SigLIP's real
 tokenizer is SentencePiece (it needs the sentencepiece package and a trained model file); the tiny one is a Unigram
@@ -15,13 +16,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import PLACEHOLDER, error_lines, run_inprocess
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import dti_cli
 import dti_concepts
 import evaluate_dti
+
+from conftest import PLACEHOLDER, error_lines, run_inprocess
+
 
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -46,18 +49,26 @@ def cos(a, b):
 
 
 class ByHand:
-    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2 CLS."""
+    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2
+    CLS."""
 
     def __init__(self, encoders):
         from transformers import AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
 
-        self.clip, self.siglip, self.dino = (cls.from_pretrained(encoders[k]).eval() for cls, k in
-                                             ((CLIPModel, "clip"), (SiglipModel, "siglip"), (Dinov2Model, "dino")))
-        self.clip_tok, self.siglip_tok = AutoTokenizer.from_pretrained(encoders["clip"]), AutoTokenizer.from_pretrained(encoders["siglip"])
+        self.clip, self.siglip, self.dino = (
+            cls.from_pretrained(encoders[k]).eval()
+            for cls, k in ((CLIPModel, "clip"), (SiglipModel, "siglip"), (Dinov2Model, "dino"))
+        )
+        self.clip_tok, self.siglip_tok = (
+            AutoTokenizer.from_pretrained(encoders["clip"]),
+            AutoTokenizer.from_pretrained(encoders["siglip"]),
+        )
 
     @torch.no_grad()
     def clip_image(self, image):
-        return self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels(image, CLIP_MEAN, CLIP_STD)).pooler_output)
+        return self.clip.visual_projection(
+            self.clip.vision_model(pixel_values=pixels(image, CLIP_MEAN, CLIP_STD)).pooler_output
+        )
 
     @torch.no_grad()
     def clip_text(self, text):
@@ -100,19 +111,32 @@ def test_scores_equal_the_cosines_of_the_encoders_outputs(encoders, by_hand):
     scores = scorer.score(images, texts, scorer.reference_features(references))
     assert sorted(scores) == sorted(evaluate_dti.METRICS)
     for i, (image, text) in enumerate(zip(images, texts)):
-        assert scores["text_clip"][i] == pytest.approx(cos(by_hand.clip_image(image), by_hand.clip_text(text)), abs=1e-5)
-        assert scores["text_siglip"][i] == pytest.approx(cos(by_hand.siglip_image(image), by_hand.siglip_text(text)), abs=1e-5)
-        assert scores["subject_clip"][i] == pytest.approx(np.mean([cos(by_hand.clip_image(image), by_hand.clip_image(r)) for r in references]), abs=1e-5)
-        assert scores["subject_dino"][i] == pytest.approx(np.mean([cos(by_hand.dino_image(image), by_hand.dino_image(r)) for r in references]), abs=1e-5)
+        assert scores["text_clip"][i] == pytest.approx(
+            cos(by_hand.clip_image(image), by_hand.clip_text(text)), abs=1e-5
+        )
+        assert scores["text_siglip"][i] == pytest.approx(
+            cos(by_hand.siglip_image(image), by_hand.siglip_text(text)), abs=1e-5
+        )
+        assert scores["subject_clip"][i] == pytest.approx(
+            np.mean([cos(by_hand.clip_image(image), by_hand.clip_image(r)) for r in references]), abs=1e-5
+        )
+        assert scores["subject_dino"][i] == pytest.approx(
+            np.mean([cos(by_hand.dino_image(image), by_hand.dino_image(r)) for r in references]), abs=1e-5
+        )
 
 
 def test_subject_score_of_identical_images_is_one_and_pairwise_means_are_symmetric(encoders):
     scorer = evaluate_dti.FidelityScorer({"clip": encoders["clip"], "siglip": None, "dino": encoders["dino"]})
     a, b = [noise_image(6), noise_image(7)], [noise_image(8), noise_image(9), noise_image(10)]
     same = scorer.score(a, ["x", "y"], scorer.reference_features(a[:1]))
-    assert same["subject_dino"][0] == pytest.approx(1.0, abs=1e-6) and same["subject_clip"][0] == pytest.approx(1.0, abs=1e-6)
+    assert same["subject_dino"][0] == pytest.approx(1.0, abs=1e-6) and same["subject_clip"][0] == pytest.approx(
+        1.0, abs=1e-6
+    )
     assert same["subject_dino"][1] < 1 - 1e-4  # another image is not the reference
-    ab, ba = scorer.score(a, ["x"] * 2, scorer.reference_features(b)), scorer.score(b, ["x"] * 3, scorer.reference_features(a))
+    ab, ba = (
+        scorer.score(a, ["x"] * 2, scorer.reference_features(b)),
+        scorer.score(b, ["x"] * 3, scorer.reference_features(a)),
+    )
     for metric in ("subject_dino", "subject_clip"):
         assert ab[metric].mean() == pytest.approx(ba[metric].mean(), abs=1e-6)  # mean of a matrix and of its transpose
     features = scorer.encoders["dino"].image_features(a + b)
@@ -137,24 +161,59 @@ def test_class_prompt_replaces_the_placeholder_and_its_numbered_tokens():
 
 
 def vocab_mean(model, encoder="text_encoder"):
-    weight = [v for k, v in load_file(os.path.join(model, encoder, "model.safetensors")).items() if k.endswith("token_embedding.weight")][0].double()
+    weight = [
+        v
+        for k, v in load_file(os.path.join(model, encoder, "model.safetensors")).items()
+        if k.endswith("token_embedding.weight")
+    ][0].double()
     return float(weight.norm(dim=-1).mean())
 
 
 @pytest.fixture
 def eval_inputs(tiny_sd, encoders, tmp_path):
-    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of two vectors of norm 3), two
-    32 x 32 reference images, a prompt file of two prompts, and argv for two seeds."""
+    """Two embeddings (a DTI-like file at the vocabulary's mean norm, a classic-TI AUTOMATIC1111 .pt of two vectors
+    of norm 3), two 32 x 32 reference images, a prompt file of two prompts, and argv for two seeds."""
     os.makedirs(tmp_path / "refs")
     for i in range(2):
         noise_image(20 + i).save(tmp_path / "refs" / f"{i}.png")
     direction = torch.nn.functional.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
-    save_file({"<a>": direction * vocab_mean(tiny_sd)}, str(tmp_path / "dti.safetensors"), metadata={"method": "directional_textual_inversion"})
-    torch.save({"string_to_param": {"*": 3.0 * torch.cat([direction.flip(-1), direction.roll(1, -1)])}, "name": "<b>"}, tmp_path / "ti.pt")  # 2 vectors
+    save_file(
+        {"<a>": direction * vocab_mean(tiny_sd)},
+        str(tmp_path / "dti.safetensors"),
+        metadata={"method": "directional_textual_inversion"},
+    )
+    torch.save(
+        {"string_to_param": {"*": 3.0 * torch.cat([direction.flip(-1), direction.roll(1, -1)])}, "name": "<b>"},
+        tmp_path / "ti.pt",
+    )  # 2 vectors
     (tmp_path / "mine.txt").write_text("a photo of a {}\n\n# a comment\na {} in a Japanese modern city street\n")
-    argv = ["--model", tiny_sd, "--embeddings", tmp_path / "dti.safetensors", tmp_path / "ti.pt", "--reference_images", tmp_path / "refs",
-            "--class_word", "toy", "--prompts", tmp_path / "mine.txt", "--seeds", "2", "--num_inference_steps", "2", "--batch_size", "4",
-            "--clip_model", encoders["clip"], "--siglip_model", encoders["siglip"], "--dino_model", encoders["dino"], "--output_dir", tmp_path / "eval"]
+    argv = [
+        "--model",
+        tiny_sd,
+        "--embeddings",
+        tmp_path / "dti.safetensors",
+        tmp_path / "ti.pt",
+        "--reference_images",
+        tmp_path / "refs",
+        "--class_word",
+        "toy",
+        "--prompts",
+        tmp_path / "mine.txt",
+        "--seeds",
+        "2",
+        "--num_inference_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--clip_model",
+        encoders["clip"],
+        "--siglip_model",
+        encoders["siglip"],
+        "--dino_model",
+        encoders["dino"],
+        "--output_dir",
+        tmp_path / "eval",
+    ]
     return [str(a) for a in argv], tmp_path / "eval"
 
 
@@ -186,8 +245,12 @@ def test_end_to_end_layout_json_csv_grid_and_resume(eval_inputs, by_hand):
                 assert p["scores"][metric]["se"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(2), abs=1e-12)
         image = e["sets"]["mine"]["prompts"][1]["images"][1]
         picture = Image.open(out / image["path"]).convert("RGB")
-        assert image["text_clip"] == pytest.approx(cos(by_hand.clip_image(picture), by_hand.clip_text("a toy in a Japanese modern city street")), abs=1e-5)
-        assert image["subject_dino"] == pytest.approx(np.mean([cos(by_hand.dino_image(picture), by_hand.dino_image(r)) for r in references]), abs=1e-5)
+        assert image["text_clip"] == pytest.approx(
+            cos(by_hand.clip_image(picture), by_hand.clip_text("a toy in a Japanese modern city street")), abs=1e-5
+        )
+        assert image["subject_dino"] == pytest.approx(
+            np.mean([cos(by_hand.dino_image(picture), by_hand.dino_image(r)) for r in references]), abs=1e-5
+        )
 
     # The CSV says what the JSON says: one row per embedding, per set, per prompt.
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -232,17 +295,34 @@ def test_checkpoint_gives_the_vectors_saved_at_its_step(sd_args, tiny_sd, tmp_pa
     assert vectors.norm(dim=-1).item() == pytest.approx(vocab_mean(tiny_sd), rel=1e-6)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no_references", "--reference_images"),
-    ("width", "holds 48-dim vectors for text_encoder"),
-    ("sdxl_file", "is an SDXL embedding"),
-    ("unknown_set", "--prompts 'fancy' is neither a built-in set"),
-    ("no_braces", "line 2 has no {}"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_references", "--reference_images"),
+        ("width", "holds 48-dim vectors for text_encoder"),
+        ("sdxl_file", "is an SDXL embedding"),
+        ("unknown_set", "--prompts 'fancy' is neither a built-in set"),
+        ("no_braces", "line 2 has no {}"),
+    ],
+)
 def test_bad_input_is_one_error_line_before_any_model_loads(case, expected, tiny_sd, example_images, tmp_path, capsys):
     save_file({"<a>": torch.randn(1, 32)}, str(tmp_path / "ok.safetensors"))
-    argv = ["--model", tiny_sd, "--embeddings", tmp_path / "ok.safetensors", "--reference_images", example_images, "--class_word", "toy",
-            "--prompts", "simple", "--output_dir", tmp_path / "eval", "--clip_model", tmp_path / "no-such-model"]  # would fail if loaded
+    argv = [
+        "--model",
+        tiny_sd,
+        "--embeddings",
+        tmp_path / "ok.safetensors",
+        "--reference_images",
+        example_images,
+        "--class_word",
+        "toy",
+        "--prompts",
+        "simple",
+        "--output_dir",
+        tmp_path / "eval",
+        "--clip_model",
+        tmp_path / "no-such-model",
+    ]  # would fail if loaded
     if case == "no_references":
         os.makedirs(tmp_path / "empty")
         argv[5] = tmp_path / "empty"
@@ -270,8 +350,19 @@ def test_evaluate_steps_logs_the_scores_to_the_tracker(sd_args, encoders, by_han
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     models = [f"{name}={path}" for name, path in encoders.items()]
-    run_inprocess(sd_args("--evaluate_steps", 2, "--validation_prompt", f"a photo of {PLACEHOLDER}", "--evaluation_models", *models,
-                          "--report_to", "tensorboard", steps=3))
+    run_inprocess(
+        sd_args(
+            "--evaluate_steps",
+            2,
+            "--validation_prompt",
+            f"a photo of {PLACEHOLDER}",
+            "--evaluation_models",
+            *models,
+            "--report_to",
+            "tensorboard",
+            steps=3,
+        )
+    )
     logged = {}
     for events in glob.glob(str(tmp_path / "out" / "logs" / "**" / "events.out.tfevents.*"), recursive=True):
         accumulator = EventAccumulator(events)
@@ -282,13 +373,21 @@ def test_evaluate_steps_logs_the_scores_to_the_tracker(sd_args, encoders, by_han
     assert sorted(logged) == sorted(f"eval/{m}" for m in evaluate_dti.METRICS)
     assert all(sorted(steps) == [2, 3] for steps in logged.values())  # every 2nd step and the end
     image = Image.open(tmp_path / "out" / "validation" / "step-000002-0.png").convert("RGB")
-    assert logged["eval/text_clip"][2] == pytest.approx(cos(by_hand.clip_image(image), by_hand.clip_text("a photo of toy")), abs=1e-5)
+    assert logged["eval/text_clip"][2] == pytest.approx(
+        cos(by_hand.clip_image(image), by_hand.clip_text("a photo of toy")), abs=1e-5
+    )
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--evaluate_steps", "2"], "--validation_prompt"),
-    (["--evaluate_steps", "2", "--validation_prompt", "a <toy-dti>", "--evaluation_models", "blip=x"], "--evaluation_models 'blip=x'"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--evaluate_steps", "2"], "--validation_prompt"),
+        (
+            ["--evaluate_steps", "2", "--validation_prompt", "a <toy-dti>", "--evaluation_models", "blip=x"],
+            "--evaluation_models 'blip=x'",
+        ),
+    ],
+)
 def test_evaluate_steps_bad_flags(extra, expected, sd_args, capsys):
     from conftest import run_cli_inprocess
 
@@ -302,15 +401,12 @@ def test_evaluate_steps_bad_flags(extra, expected, sd_args, capsys):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_sdxl
-
-    return make_tiny_sdxl(str(tmp_path_factory.mktemp("rescale") / "tiny-sdxl"))
-
-
 def vocab_norms(model, encoder="text_encoder"):
-    weight = [v for k, v in load_file(os.path.join(model, encoder, "model.safetensors")).items() if k.endswith("token_embedding.weight")][0].double()
+    weight = [
+        v
+        for k, v in load_file(os.path.join(model, encoder, "model.safetensors")).items()
+        if k.endswith("token_embedding.weight")
+    ][0].double()
     norms = weight.norm(dim=-1)
     return {"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
 
@@ -334,19 +430,29 @@ def test_rescale_a1111_pt_keeps_the_form_direction_and_records_the_old_norms(tin
     data = torch.load(tmp_path / "out" / "my-ti.pt", weights_only=True)  # the same AUTOMATIC1111 form, same name
     assert data["name"] == "my-ti" and data["step"] == 500
     assert_rescaled(data["string_to_param"]["*"], old, vocab_norms(tiny_sd)["min"])
-    assert json.loads(data["metadata"]["original_norms"])["text_encoder"] == pytest.approx(old.double().norm(dim=-1).tolist(), rel=1e-6)
-    assert rescale_cli(tmp_path / "my-ti.pt", "--model", tiny_sd, "--to", "0.25", "--output", tmp_path / "quarter.pt") == 0
+    assert json.loads(data["metadata"]["original_norms"])["text_encoder"] == pytest.approx(
+        old.double().norm(dim=-1).tolist(), rel=1e-6
+    )
+    assert (
+        rescale_cli(tmp_path / "my-ti.pt", "--model", tiny_sd, "--to", "0.25", "--output", tmp_path / "quarter.pt")
+        == 0
+    )
     assert_rescaled(torch.load(tmp_path / "quarter.pt", weights_only=True)["string_to_param"]["*"], old, 0.25)
 
 
 def test_rescale_diffusers_output_to_the_vocabulary_mean(sd_args, tiny_sd, tmp_path):
     old = torch.randn(1, 32) * 5
     save_file({"<ti>": old}, str(tmp_path / "ti.safetensors"), metadata={"method": "textual_inversion"})
-    assert rescale_cli(tmp_path / "ti.safetensors", "--model", tiny_sd, "--output", tmp_path / "rescaled.safetensors") == 0
+    assert (
+        rescale_cli(tmp_path / "ti.safetensors", "--model", tiny_sd, "--output", tmp_path / "rescaled.safetensors")
+        == 0
+    )
     tensors = load_file(tmp_path / "rescaled.safetensors")
     assert list(tensors) == ["<ti>"]
     assert_rescaled(tensors["<ti>"], old, vocab_norms(tiny_sd)["mean"])
-    assert evaluate_dti.describe_method(dti_concepts.read_concept(str(tmp_path / "rescaled.safetensors")).metadata["text_encoder"]).startswith("TI rescaled to mean")
+    assert evaluate_dti.describe_method(
+        dti_concepts.read_concept(str(tmp_path / "rescaled.safetensors")).metadata["text_encoder"]
+    ).startswith("TI rescaled to mean")
 
 
 def test_rescale_sdxl_single_file_sets_each_encoders_own_norm(tiny_sdxl, tmp_path):
@@ -372,10 +478,16 @@ def test_rescale_keeps_existing_files_unless_overwrite(tiny_sd, tmp_path, capsys
     assert rescale_cli(*argv, "--to", "max") == 2 and "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out" / "learned_embeds.safetensors").read_bytes() == before
     assert rescale_cli(*argv, "--to", "max", "--overwrite") == 0
-    assert_rescaled(load_file(tmp_path / "out" / "learned_embeds.safetensors")["<ti>"], load_file(tmp_path / "ti.safetensors")["<ti>"], vocab_norms(tiny_sd)["max"])
+    assert_rescaled(
+        load_file(tmp_path / "out" / "learned_embeds.safetensors")["<ti>"],
+        load_file(tmp_path / "ti.safetensors")["<ti>"],
+        vocab_norms(tiny_sd)["max"],
+    )
 
 
-@pytest.mark.parametrize("extra, expected", [(["--to", "huge"], "--to must be"), (["--output", "SAME"], "is the input")])
+@pytest.mark.parametrize(
+    "extra, expected", [(["--to", "huge"], "--to must be"), (["--output", "SAME"], "is the input")]
+)
 def test_rescale_bad_flags(extra, expected, tiny_sd, tmp_path, capsys):
     save_file({"<ti>": torch.randn(1, 32)}, str(tmp_path / "ti.safetensors"))
     argv = ["--model", tiny_sd, "--output", tmp_path / "out", *extra]

@@ -1,7 +1,7 @@
-"""The files we write, read the way each consumer reads them: diffusers itself, and re-implementations (written here,
-from their source) of AUTOMATIC1111's modules/safe.py + textual_inversion.py, ComfyUI's comfy/sd1_clip.py load_embed and
-kohya's gen_img.py. Also: the single file's name rule, slerp writing a folder or a file, the SDXL fp16 validation decode,
-and the model card. Offline, on the CPU.
+"""The files we write, read the way each consumer reads them: diffusers itself, and re-implementations (written
+here, from their source) of AUTOMATIC1111's modules/safe.py + textual_inversion.py, ComfyUI's comfy/sd1_clip.py
+load_embed and kohya's gen_img.py. Also: the single file's name rule, slerp writing a folder or a file, the SDXL fp16
+validation decode, and the model card. Offline, on the CPU.
 """
 
 import ast
@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import sd_argv
-
-import dti_concepts
 import dti_cli
+import dti_concepts
 import dti_utils
 from dti_utils import ConceptEmbedding, DTIWarning
+
+from conftest import angle, sd_argv
+
 
 SD_DIM, SDXL_DIMS = 32, (32, 64)  # the tiny pipelines' text encoder widths
 
@@ -32,11 +33,31 @@ SD_DIM, SDXL_DIMS = 32, (32, 64)  # the tiny pipelines' text encoder widths
 # AUTOMATIC1111 modules/safe.py: allowed_zip_names_re (current master adds byteorder and .data/serialization_id to the
 # older 'data/N | version | data.pkl') and the globals RestrictedUnpickler.find_class allows.
 A1111_ZIP_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
-A1111_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-                 ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch.nn.modules.container", "ParameterDict"),
-                 ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
-                 ("_codecs", "encode"), ("__builtin__", "set")} | {("torch", name) for name in (
-                     "FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage", "ByteStorage", "float32", "BFloat16Storage")}
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+    ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("_codecs", "encode"),
+    ("__builtin__", "set"),
+} | {
+    ("torch", name)
+    for name in (
+        "FloatStorage",
+        "HalfStorage",
+        "IntStorage",
+        "LongStorage",
+        "DoubleStorage",
+        "ByteStorage",
+        "float32",
+        "BFloat16Storage",
+    )
+}
 
 
 class A1111Unpickler(pickle.Unpickler):
@@ -102,12 +123,19 @@ def a1111_load(path, dims):
 
 
 def comfyui_load(path, dims):
-    """sd1_clip.py load_embed + the encoders' width check: the prompt says `embedding:STEM`; each encoder (clip_l, then
-    clip_g for SDXL) takes string_to_param's value, else its own key, else the first value, and ignores a wrong width."""
+    """sd1_clip.py load_embed + the encoders' width check: the prompt says `embedding:STEM`; each encoder (clip_l,
+    then clip_g for SDXL) takes string_to_param's value, else its own key, else the first value, and ignores a wrong
+    width."""
     data = _load_any(path)
     out = []
     for key, dim in zip(("clip_l", "clip_g"), dims):
-        vec = next(iter(data["string_to_param"].values())) if "string_to_param" in data else data[key] if key in data else next(iter(data.values()))
+        vec = (
+            next(iter(data["string_to_param"].values()))
+            if "string_to_param" in data
+            else data[key]
+            if key in data
+            else next(iter(data.values()))
+        )
         out.append(vec if vec.shape[-1] == dim else None)
     return (f"embedding:{os.path.splitext(os.path.basename(path))[0]}", out)
 
@@ -126,8 +154,11 @@ def kohya_load(path, sdxl):
 
 def a1111_matches(tokenizer, name, prompt):
     """find_embedding_at_position: A1111 swaps in the embedding wherever the name's token ids occur in the prompt's."""
-    ids, text = tokenizer(name, add_special_tokens=False).input_ids, tokenizer(prompt, add_special_tokens=False).input_ids
-    return any(text[i:i + len(ids)] == ids for i in range(len(text)))
+    ids, text = (
+        tokenizer(name, add_special_tokens=False).input_ids,
+        tokenizer(prompt, add_special_tokens=False).input_ids,
+    )
+    return any(text[i : i + len(ids)] == ids for i in range(len(text)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,21 +174,20 @@ def unit_rows(n, dim, seed):
 @pytest.fixture(scope="module")
 def concepts():
     """A 2-vector SD concept and a 2-vector SDXL concept, as read from any file."""
-    sd = ConceptEmbedding("<cat-toy>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 0)}, {"text_encoder": {"steps": "7"}})
-    sdxl = ConceptEmbedding("<dog>", {"text_encoder": 0.4 * unit_rows(2, SDXL_DIMS[0], 1), "text_encoder_2": 0.45 * unit_rows(2, SDXL_DIMS[1], 2)})
+    sd = ConceptEmbedding(
+        "<cat-toy>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 0)}, {"text_encoder": {"steps": "7"}}
+    )
+    sdxl = ConceptEmbedding(
+        "<dog>",
+        {"text_encoder": 0.4 * unit_rows(2, SDXL_DIMS[0], 1), "text_encoder_2": 0.45 * unit_rows(2, SDXL_DIMS[1], 2)},
+    )
     return SimpleNamespace(sd=sd, sdxl=sdxl)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_sdxl
-
-    return make_tiny_sdxl(str(tmp_path_factory.mktemp("interop-sdxl") / "pipe"))
 
 
 class FakeHub:
     """huggingface_hub's network calls replaced: create_repo/upload_folder record, and README.md downloads (which
-    ModelCard.load makes for the repository and the base model) find `cards` or raise EntryNotFoundError, as a new repo."""
+    ModelCard.load makes for the repository and the base model) find `cards` or raise EntryNotFoundError, as a new
+    repo."""
 
     def __init__(self, monkeypatch, tmp_path, cards=None):
         import huggingface_hub
@@ -174,7 +204,11 @@ class FakeHub:
             path.write_text(self.cards[repo_id])
             return str(path)
 
-        monkeypatch.setattr(huggingface_hub, "create_repo", lambda name, **kw: self.created.append(name) or SimpleNamespace(repo_id=f"tester/{name}"))
+        monkeypatch.setattr(
+            huggingface_hub,
+            "create_repo",
+            lambda name, **kw: self.created.append(name) or SimpleNamespace(repo_id=f"tester/{name}"),
+        )
         monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: self.uploaded.append(kw))
         monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", hf_hub_download)
 
@@ -182,10 +216,12 @@ class FakeHub:
 @pytest.fixture(scope="module")
 def fp16_run(tiny_sdxl, tmp_path_factory):
     """One SDXL run with --mixed_precision fp16 (the tiny VAE's config has force_upcast, as SDXL's does), validation,
-    --no_safe_serialization and --push_to_hub to a fake Hub. A global forward pre-hook (torch's public hook API) finds the
-    VAE decoder and records, at its first conv, the input and output dtypes and whether autocast was on."""
-    import train_directional_textual_inversion_sdxl as sdxl
+    --no_safe_serialization and --push_to_hub to a fake Hub. A global forward pre-hook (torch's public hook API) finds
+    the VAE decoder and records, at its first conv, the input and output dtypes and whether autocast was on."""
     from diffusers.models.autoencoders.vae import Decoder
+
+    import train_directional_textual_inversion_sdxl as sdxl
+
     from make_tiny_pipeline import make_example_images
 
     tmp = tmp_path_factory.mktemp("fp16")
@@ -195,10 +231,29 @@ def fp16_run(tiny_sdxl, tmp_path_factory):
     def find_decoder(module, args):
         if isinstance(module, Decoder) and not hasattr(module, "_seen"):
             module._seen = module.conv_in.register_forward_hook(
-                lambda conv, inputs, output: decodes.append((inputs[0].dtype, output.dtype, torch.is_autocast_enabled("cpu"))))
+                lambda conv, inputs, output: decodes.append(
+                    (inputs[0].dtype, output.dtype, torch.is_autocast_enabled("cpu"))
+                )
+            )
 
-    argv = sd_argv(tiny_sdxl, tmp / "images", tmp / "out", "--placeholder_token", "<toy>", "--resolution", 32, "--mixed_precision", "fp16",
-                   "--validation_prompt", 'a "quoted" <toy> in a street', "--no_safe_serialization", "--push_to_hub", "--hub_model_id", "toy-sdxl", steps=1)
+    argv = sd_argv(
+        tiny_sdxl,
+        tmp / "images",
+        tmp / "out",
+        "--placeholder_token",
+        "<toy>",
+        "--resolution",
+        32,
+        "--mixed_precision",
+        "fp16",
+        "--validation_prompt",
+        'a "quoted" <toy> in a street',
+        "--no_safe_serialization",
+        "--push_to_hub",
+        "--hub_model_id",
+        "toy-sdxl",
+        steps=1,
+    )
     handle = torch.nn.modules.module.register_module_forward_pre_hook(find_decoder)
     with pytest.MonkeyPatch.context() as mp:
         hub = FakeHub(mp, tmp)
@@ -210,7 +265,7 @@ def fp16_run(tiny_sdxl, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Every .pt/.bin form passes AUTOMATIC1111's safe unpickler, and still loads with weights_only and in diffusers
+# Every .pt/.bin form passes AUTOMATIC1111's safe unpickler, and still loads with weights_only and in diffusers
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -220,30 +275,50 @@ def test_every_pickle_form_passes_a1111_safe_unpickle(concepts, fp16_run, tmp_pa
     sd, sdxl = concepts.sd, concepts.sdxl
     sd_bin = ConceptEmbedding("<cat-toy-bin>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 3)})
     forms = {  # path -> what torch.load must give back
-        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / "cat-toy.pt"))[0]: sd.vectors["text_encoder"],
-        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / "cat-toy.bin"))[0]: sd.vectors["text_encoder"],
-        dti_concepts.convert_embedding(_file(tmp_path, sd_bin), "diffusers", str(tmp_path / "diffusers.bin"))[0]: sd_bin.vectors["text_encoder"],
+        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / "cat-toy.pt"))[0]: sd.vectors[
+            "text_encoder"
+        ],
+        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / "cat-toy.bin"))[0]: sd.vectors[
+            "text_encoder"
+        ],
+        dti_concepts.convert_embedding(_file(tmp_path, sd_bin), "diffusers", str(tmp_path / "diffusers.bin"))[
+            0
+        ]: sd_bin.vectors["text_encoder"],
         dti_concepts.convert_embedding(_folder(tmp_path, sdxl), "a1111", str(tmp_path / "dog-ti.pt"))[0]: sdxl.vectors,
     }
     trained = [e.vectors().detach() for e in fp16_run.result.embeddings]
-    for name, expected in (("learned_embeds.bin", trained[0]), ("learned_embeds_2.bin", trained[1]), ("toy-ti.bin", trained)):
+    for name, expected in (
+        ("learned_embeds.bin", trained[0]),
+        ("learned_embeds_2.bin", trained[1]),
+        ("toy-ti.bin", trained),
+    ):
         forms[str(fp16_run.out / name)] = expected  # the training outputs of --no_safe_serialization
 
     for path, expected in forms.items():
         a1111_check_pt(path)
         assert not zipfile.is_zipfile(path)  # the legacy format: no archive, so no temporary file name inside either
         data = torch.load(path, map_location="cpu", weights_only=True)
-        got = data["string_to_param"]["*"] if "string_to_param" in data else next(iter(data.values())) if len(data) == 1 else [data["clip_l"], data["clip_g"]]
+        got = (
+            data["string_to_param"]["*"]
+            if "string_to_param" in data
+            else next(iter(data.values()))
+            if len(data) == 1
+            else [data["clip_l"], data["clip_g"]]
+        )
         if isinstance(expected, dict):
             expected = list(expected.values())
-        for g, e in zip(got if isinstance(got, list) else [got], expected if isinstance(expected, list) else [expected]):
+        for g, e in zip(
+            got if isinstance(got, list) else [got], expected if isinstance(expected, list) else [expected]
+        ):
             assert g.dtype == torch.float32 and torch.equal(g, e), path
 
     # the check is not vacuous: torch.save's default zip archive is refused (".format_version" is no allowed entry)
     torch.save({"<x>": torch.ones(1, 4)}, tmp_path / "zip.pt")
     with pytest.raises(ValueError, match=r"bad file inside .*\.format_version"):
         a1111_check_pt(str(tmp_path / "zip.pt"))
-    torch.save({"<x>": torch.ones(1, 4), "run": os.system}, tmp_path / "evil.bin", _use_new_zipfile_serialization=False)
+    torch.save(
+        {"<x>": torch.ones(1, 4), "run": os.system}, tmp_path / "evil.bin", _use_new_zipfile_serialization=False
+    )
     with pytest.raises(pickle.UnpicklingError, match="forbidden"):
         a1111_check_pt(str(tmp_path / "evil.bin"))
 
@@ -253,11 +328,17 @@ def test_every_pickle_form_passes_a1111_safe_unpickle(concepts, fp16_run, tmp_pa
     for path, concept in ((tmp_path / "cat-toy.pt", sd), (tmp_path / "diffusers.bin", sd_bin)):
         pipe.load_textual_inversion(str(path))
         ids = pipe.tokenizer.convert_tokens_to_ids([concept.token, f"{concept.token}_1"])
-        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), concept.vectors["text_encoder"])
+        assert torch.equal(
+            pipe.text_encoder.get_input_embeddings().weight[ids].detach(), concept.vectors["text_encoder"]
+        )
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    for stem, enc, tok, vecs in (("learned_embeds", pipe.text_encoder, pipe.tokenizer, trained[0]),
-                                 ("learned_embeds_2", pipe.text_encoder_2, pipe.tokenizer_2, trained[1])):
-        pipe.load_textual_inversion(str(fp16_run.out), weight_name=f"{stem}.bin", token="<toy>", text_encoder=enc, tokenizer=tok)
+    for stem, enc, tok, vecs in (
+        ("learned_embeds", pipe.text_encoder, pipe.tokenizer, trained[0]),
+        ("learned_embeds_2", pipe.text_encoder_2, pipe.tokenizer_2, trained[1]),
+    ):
+        pipe.load_textual_inversion(
+            str(fp16_run.out), weight_name=f"{stem}.bin", token="<toy>", text_encoder=enc, tokenizer=tok
+        )
         assert torch.equal(enc.get_input_embeddings().weight[tok.convert_tokens_to_ids(["<toy>"])].detach(), vecs)
 
 
@@ -276,7 +357,7 @@ def _folder(tmp_path, concept):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Single-key safetensors forms: the token is the key, so diffusers needs no token= and two files do not collide
+# Single-key safetensors forms: the token is the key, so diffusers needs no token= and two files do not collide
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -284,26 +365,43 @@ def test_single_key_safetensors_forms_register_their_token_in_diffusers(concepts
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sd, sdxl = concepts.sd, concepts.sdxl
-    a1111, comfyui = (ConceptEmbedding(f"<cat-toy-{i}>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 8 + i)}) for i in (1, 2))
-    files = {  # every SD single-key .safetensors form we write -> its concept (three tokens, all loaded into one pipeline)
+    a1111, comfyui = (
+        ConceptEmbedding(f"<cat-toy-{i}>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 8 + i)}) for i in (1, 2)
+    )
+    # every SD single-key .safetensors form we write -> its concept (three tokens, all loaded into one pipeline)
+    files = {
         dti_utils.write_diffusers(sd, str(tmp_path / "run"))[0]: sd,  # run/learned_embeds.safetensors
-        dti_concepts.convert_embedding(_file(tmp_path, a1111), "a1111", str(tmp_path / "ui"))[0]: a1111,  # ui/cat-toy-1.safetensors
-        dti_concepts.convert_embedding(_file(tmp_path, comfyui), "comfyui", str(tmp_path / "cat-toy-2.safetensors"))[0]: comfyui,
+        dti_concepts.convert_embedding(_file(tmp_path, a1111), "a1111", str(tmp_path / "ui"))[
+            0
+        ]: a1111,  # ui/cat-toy-1.safetensors
+        dti_concepts.convert_embedding(_file(tmp_path, comfyui), "comfyui", str(tmp_path / "cat-toy-2.safetensors"))[
+            0
+        ]: comfyui,
     }
-    assert [os.path.basename(p) for p in files] == ["learned_embeds.safetensors", "cat-toy-1.safetensors", "cat-toy-2.safetensors"]
+    assert [os.path.basename(p) for p in files] == [
+        "learned_embeds.safetensors",
+        "cat-toy-1.safetensors",
+        "cat-toy-2.safetensors",
+    ]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     for path, concept in files.items():
         assert list(_load_any(path)) == [concept.token]
-        pipe.load_textual_inversion(path)  # no token=: diffusers takes the key (with {"emb_params": ...} both would be "emb_params")
+        pipe.load_textual_inversion(
+            path
+        )  # no token=: diffusers takes the key (with {"emb_params": ...} both would be "emb_params")
         ids = pipe.tokenizer.convert_tokens_to_ids([concept.token, f"{concept.token}_1"])
-        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), concept.vectors["text_encoder"]), path
+        assert torch.equal(
+            pipe.text_encoder.get_input_embeddings().weight[ids].detach(), concept.vectors["text_encoder"]
+        ), path
 
     # SDXL: each per-encoder file is single-key too, loaded into its own encoder without token=
     folder = str(tmp_path / "sdxl")
     dti_utils.write_diffusers(sdxl, folder)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    for stem, enc, tok, name in (("learned_embeds", pipe.text_encoder, pipe.tokenizer, "text_encoder"),
-                                 ("learned_embeds_2", pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2")):
+    for stem, enc, tok, name in (
+        ("learned_embeds", pipe.text_encoder, pipe.tokenizer, "text_encoder"),
+        ("learned_embeds_2", pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2"),
+    ):
         pipe.load_textual_inversion(folder, weight_name=f"{stem}.safetensors", text_encoder=enc, tokenizer=tok)
         ids = tok.convert_tokens_to_ids(["<dog>", "<dog>_1"])
         assert torch.equal(enc.get_input_embeddings().weight[ids].detach(), sdxl.vectors[name])
@@ -313,7 +411,9 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
     """What AUTOMATIC1111, ComfyUI and kohya do with each file form we write (the table in the README)."""
     sd, sdxl = concepts.sd, concepts.sdxl
     sd_files = dti_utils.write_diffusers(sd, str(tmp_path / "sd")) + [
-        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / f"cat-toy{ext}"))[0] for ext in (".safetensors", ".pt")]
+        dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / f"cat-toy{ext}"))[0]
+        for ext in (".safetensors", ".pt")
+    ]
     for path in sd_files:
         stem = os.path.splitext(os.path.basename(path))[0]
         expected = sd.vectors["text_encoder"]
@@ -332,10 +432,17 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
         stem = os.path.splitext(os.path.basename(path))[0]
         assert stem == "dog-ti"
         name, vec = a1111_load(path, dims)
-        assert name == stem and torch.equal(vec["clip_l"], sdxl.vectors["text_encoder"]) and torch.equal(vec["clip_g"], sdxl.vectors["text_encoder_2"])
+        assert (
+            name == stem
+            and torch.equal(vec["clip_l"], sdxl.vectors["text_encoder"])
+            and torch.equal(vec["clip_g"], sdxl.vectors["text_encoder_2"])
+        )
         _, (l, g) = comfyui_load(path, dims)
         assert torch.equal(l, sdxl.vectors["text_encoder"]) and torch.equal(g, sdxl.vectors["text_encoder_2"])
-        assert [torch.equal(a, b) for a, b in zip(kohya_load(path, sdxl=True)[1], sdxl.vectors.values())] == [True, True]
+        assert [torch.equal(a, b) for a, b in zip(kohya_load(path, sdxl=True)[1], sdxl.vectors.values())] == [
+            True,
+            True,
+        ]
     for path, name in zip(per_encoder, ("text_encoder", "text_encoder_2")):  # the files NOT to copy into a UI
         assert a1111_load(path, dims) is None  # skipped: one encoder's width
         vecs = comfyui_load(path, dims)[1]
@@ -344,12 +451,23 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The single file's name: never one vocabulary word
+# The single file's name: never one vocabulary word
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token, stem", [("<toy>", "toy-ti"), ("<cat-toy>", "cat-toy"), ("<sks>", "sks-ti"), ("<2024>", "2024-ti"),
-                                          ("<my_toy>", "my_toy"), ("<v1.5>", "v1.5"), ("<toy>>", "toy-ti"), ("<<>>", "embedding-ti")])
+@pytest.mark.parametrize(
+    "token, stem",
+    [
+        ("<toy>", "toy-ti"),
+        ("<cat-toy>", "cat-toy"),
+        ("<sks>", "sks-ti"),
+        ("<2024>", "2024-ti"),
+        ("<my_toy>", "my_toy"),
+        ("<v1.5>", "v1.5"),
+        ("<toy>>", "toy-ti"),
+        ("<<>>", "embedding-ti"),
+    ],
+)
 def test_file_stem_keeps_a_character_clip_splits_off(token, stem, tokenizer):
     assert dti_utils.embedding_slug(token, file_stem=True) == stem
     # The tokenizer never makes the stem one token, so no ordinary word is the A1111 prompt word ...
@@ -366,43 +484,71 @@ def test_file_name_rule_in_training_and_tools(fp16_run, concepts, tmp_path, toke
     assert "toy</w>" in tokenizer.get_vocab() and a1111_matches(tokenizer, "toy", "a photo of a toy")
     # convert into a folder picks the same name; a file the user names is kept, with a warning when it has no - _ .
     toy = ConceptEmbedding("<toy>", concepts.sd.vectors)
-    assert os.path.basename(dti_concepts.convert_embedding(_file(tmp_path, toy), "a1111", str(tmp_path / "ui"))[0]) == "toy-ti.safetensors"
+    assert (
+        os.path.basename(dti_concepts.convert_embedding(_file(tmp_path, toy), "a1111", str(tmp_path / "ui"))[0])
+        == "toy-ti.safetensors"
+    )
     with pytest.warns(DTIWarning, match=r"'toy' the prompt word.*toy-ti\.safetensors avoids that"):
         (named,) = dti_concepts.convert_embedding(_file(tmp_path, toy), "comfyui", str(tmp_path / "toy.safetensors"))
     assert os.path.basename(named) == "toy.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. slerp writes a folder or one file
+# slerp writes a folder or one file
 # ----------------------------------------------------------------------------------------------------
 
 
 def test_slerp_writes_a_folder_or_a_safetensors_file(concepts, tmp_path, capsys):
     a, b = concepts.sd, ConceptEmbedding("<b>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 5)})
-    pa, pb = dti_utils.write_diffusers(a, str(tmp_path / "a.safetensors"))[0], dti_utils.write_diffusers(b, str(tmp_path / "b.safetensors"))[0]
-    assert dti_concepts.main(["slerp", pa, pb, "--alpha", "0.3", "--token", "<mix>", "--output", str(tmp_path / "mix")]) == 0
-    assert dti_concepts.main(["slerp", pa, pb, "--alpha", "0.3", "--token", "<mix>", "--output", str(tmp_path / "mix-ab.safetensors")]) == 0
-    in_folder, from_file = _load_any(str(tmp_path / "mix" / "learned_embeds.safetensors")), _load_any(str(tmp_path / "mix-ab.safetensors"))
+    pa, pb = (
+        dti_utils.write_diffusers(a, str(tmp_path / "a.safetensors"))[0],
+        dti_utils.write_diffusers(b, str(tmp_path / "b.safetensors"))[0],
+    )
+    assert (
+        dti_concepts.main(["slerp", pa, pb, "--alpha", "0.3", "--token", "<mix>", "--output", str(tmp_path / "mix")])
+        == 0
+    )
+    assert (
+        dti_concepts.main(
+            ["slerp", pa, pb, "--alpha", "0.3", "--token", "<mix>", "--output", str(tmp_path / "mix-ab.safetensors")]
+        )
+        == 0
+    )
+    in_folder, from_file = (
+        _load_any(str(tmp_path / "mix" / "learned_embeds.safetensors")),
+        _load_any(str(tmp_path / "mix-ab.safetensors")),
+    )
     assert list(from_file) == ["<mix>"] and torch.equal(from_file["<mix>"], in_folder["<mix>"])
     # the blend itself, computed here: direction by slerp (angle 0.3 of the way), norm 0.4 kept
     va, vb = a.vectors["text_encoder"].double(), b.vectors["text_encoder"].double()
-    cos = lambda x, y: (x * y).sum(-1) / x.norm(dim=-1) / y.norm(dim=-1)  # noqa: E731
-    theta = torch.arccos(cos(va, vb))
-    torch.testing.assert_close(torch.arccos(cos(from_file["<mix>"].double(), va).clamp(-1, 1)), 0.3 * theta, rtol=0, atol=1e-5)
-    torch.testing.assert_close(from_file["<mix>"].double().norm(dim=-1), torch.full((2,), 0.4, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(angle(from_file["<mix>"], va), 0.3 * angle(va, vb), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        from_file["<mix>"].double().norm(dim=-1), torch.full((2,), 0.4, dtype=torch.float64), rtol=1e-6, atol=0
+    )
 
     # SDXL into a file: the clip_l/clip_g single file; several alphas need a folder
-    sdxl_b = ConceptEmbedding("<cat>", {n: m * unit_rows(2, d, 7 + i) for i, (n, d, m) in enumerate(zip(dti_utils.ENCODERS, SDXL_DIMS, (0.4, 0.45)))})
+    sdxl_b = ConceptEmbedding(
+        "<cat>",
+        {n: m * unit_rows(2, d, 7 + i) for i, (n, d, m) in enumerate(zip(dti_utils.ENCODERS, SDXL_DIMS, (0.4, 0.45)))},
+    )
     x_a, x_b = _folder(tmp_path, concepts.sdxl), dti_utils.write_diffusers(sdxl_b, str(tmp_path / "x-b"))[0]
-    out = dti_concepts.slerp_embeddings(x_a, os.path.dirname(x_b), [0.5], str(tmp_path / "dog-cat.safetensors"), token="<dog-cat>")
-    assert out["outputs"] == [str(tmp_path / "dog-cat.safetensors")] and set(_load_any(out["outputs"][0])) == {"clip_l", "clip_g"}
+    out = dti_concepts.slerp_embeddings(
+        x_a, os.path.dirname(x_b), [0.5], str(tmp_path / "dog-cat.safetensors"), token="<dog-cat>"
+    )
+    assert out["outputs"] == [str(tmp_path / "dog-cat.safetensors")] and set(_load_any(out["outputs"][0])) == {
+        "clip_l",
+        "clip_g",
+    }
     capsys.readouterr()
-    assert dti_concepts.main(["slerp", pa, pb, "--alpha", "0.2", "0.8", "--output", str(tmp_path / "two.safetensors")]) == 2
+    assert (
+        dti_concepts.main(["slerp", pa, pb, "--alpha", "0.2", "0.8", "--output", str(tmp_path / "two.safetensors")])
+        == 2
+    )
     assert "gives 2 blends; pass a folder" in capsys.readouterr().err and not (tmp_path / "two.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. SDXL validation with fp16: the VAE decodes in float32, outside autocast
+# SDXL validation with fp16: the VAE decodes in float32, outside autocast
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -425,7 +571,7 @@ def test_fp16_validation_decodes_in_the_vae_dtype_outside_autocast(fp16_run):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The model card: diffusers' load_or_create_model_card + populate_model_card
+# The model card: diffusers' load_or_create_model_card + populate_model_card
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -438,14 +584,26 @@ def _front_and_snippets(text):
 def _check_snippet(code):
     """Compiles, and every name it imports is used."""
     tree = ast.parse(compile(code, "snippet", "exec", flags=ast.PyCF_ONLY_AST))
-    imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    imported = {
+        alias.asname or alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     assert imported <= used, imported - used
     assert "torch_dtype" not in code
 
 
-TAGS_SDXL = ["text-to-image", "diffusers", "diffusers-training", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "textual_inversion",
-             "directional-textual-inversion"]
+TAGS_SDXL = [
+    "text-to-image",
+    "diffusers",
+    "diffusers-training",
+    "stable-diffusion-xl",
+    "stable-diffusion-xl-diffusers",
+    "textual_inversion",
+    "directional-textual-inversion",
+]
 
 
 def test_sdxl_card_from_the_training_run(fp16_run):
@@ -456,34 +614,54 @@ def test_sdxl_card_from_the_training_run(fp16_run):
     # a local base: no base_model (not a Hub id), its license unknown: `other` and a sentence saying so
     assert front == {"license": "other", "library_name": "diffusers", "inference": True, "tags": TAGS_SDXL}
     assert "could not be read, so this card says `other`" in text
-    assert text.count("\n# `<toy>`: Directional Textual Inversion (DTI) on ") == 1  # the token in backticks, not a raw <toy> tag
+    assert (
+        text.count("\n# `<toy>`: Directional Textual Inversion (DTI) on ") == 1
+    )  # the token in backticks, not a raw <toy> tag
     norms = [e.norm for e in fp16_run.result.embeddings]
     assert f"text_encoder: {norms[0]:.4f}, text_encoder_2: {norms[1]:.4f}" in text
     assert "![validation image 0](validation/step-000001-0.png)" in text
-    # the two-call snippet and the single-file snippet (plus the template's placeholder block), for the .bin files written
+    # the two-call snippet and the single-file snippet (plus the template's placeholder block), for the .bin files
+    # written
     real = [s for s in snippets if "load_textual_inversion" in s]
     assert len(real) == 2
     for code in snippets:
         _check_snippet(code)
     two_calls, single = real
-    assert two_calls.count('"tester/toy-sdxl", weight_name="learned_embeds') == 2 and "learned_embeds_2.bin" in two_calls
+    assert (
+        two_calls.count('"tester/toy-sdxl", weight_name="learned_embeds') == 2 and "learned_embeds_2.bin" in two_calls
+    )
     assert 'hf_hub_download("tester/toy-sdxl", "toy-ti.bin")' in single and 'state["clip_g"]' in single
     assert 'pipe("a \\"quoted\\" <toy> in a street")' in single  # the prompt's quotes stay valid Python
     assert "`embedding:toy-ti`" in text and "Not `learned_embeds.bin` or `learned_embeds_2.bin`" in text
 
 
 def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
-    args = SimpleNamespace(optimizer="rsgd", pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", placeholder_token="<cat-toy>",
-                           no_safe_serialization=False, initializer_token="toy", max_train_steps=400, kappa=1e-4, validation_prompt=None, hub_token=None)
+    args = SimpleNamespace(
+        optimizer="rsgd",
+        pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        placeholder_token="<cat-toy>",
+        no_safe_serialization=False,
+        initializer_token="toy",
+        max_train_steps=400,
+        kappa=1e-4,
+        validation_prompt=None,
+        hub_token=None,
+    )
     embeddings = [SimpleNamespace(name="text_encoder", norm=0.3871, tokens=["<cat-toy>"])]
-    FakeHub(monkeypatch, tmp_path)  # neither the base's card nor the repo's can be read: the license comes from the table
+    FakeHub(
+        monkeypatch, tmp_path
+    )  # neither the base's card nor the repo's can be read: the license comes from the table
     license = dti_cli.base_model_license(args.pretrained_model_name_or_path)
     assert license == {"license": "creativeml-openrail-m"}
     text = open(dti_cli.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
     front, snippets = _front_and_snippets(text)
-    assert front == {"license": "creativeml-openrail-m", "library_name": "diffusers", "inference": True,
-                     "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     "tags": [t.replace("-xl", "") for t in TAGS_SDXL]}
+    assert front == {
+        "license": "creativeml-openrail-m",
+        "library_name": "diffusers",
+        "inference": True,
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "tags": [t.replace("-xl", "") for t in TAGS_SDXL],
+    }
     for code in snippets:
         _check_snippet(code)
     assert 'pipe.load_textual_inversion("tester/cat")' in text and "dtype=torch.float16" in text

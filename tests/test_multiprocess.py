@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PLACEHOLDER, REPO_ROOT, SCRIPT, read_embeds, sd_argv, subprocess_env, training_outputs
+from conftest import (
+    PLACEHOLDER,
+    REPO_ROOT,
+    SCRIPT,
+    angle,
+    read_embeds,
+    script_defaults,
+    sd_argv,
+    subprocess_env,
+    training_outputs,
+)
 
-# Runs the real script's entry point, and after training has every rank dump its own vectors to a rank file.
+
 # Runs the script's main() as the entry point does, and has every rank dump what main() returns to a rank file.
 WRAPPER = textwrap.dedent(
     """
@@ -60,9 +70,23 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
     wrapper = tmp_path / "run_dti.py"
     wrapper.write_text(WRAPPER)
     argv = sd_argv(tiny_sd, example_images, out, "--save_steps", "2", "--checkpointing_steps", "2", steps=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(wrapper), *argv]
-    # Plain torchrun as users type it: no `accelerate launch --cpu` (ACCELERATE_USE_CPU); the script must pick gloo itself.
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(wrapper),
+        *argv,
+    ]
+    # Plain torchrun as users type it: no `accelerate launch --cpu` (ACCELERATE_USE_CPU); the script must pick gloo
+    # itself.
     env = subprocess_env(OMP_NUM_THREADS="1", DTI_TEST_DUMP_DIR=str(dumps), DTI_TEST_SCRIPT=SCRIPT)
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -71,7 +95,11 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
 
     # One set of files, written once (rank 0), nothing half-written or duplicated.
     assert training_outputs(out) == [
-        "checkpoint-2", "checkpoint-4", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors", "learned_embeds.safetensors",
+        "checkpoint-2",
+        "checkpoint-4",
+        "learned_embeds-steps-2.safetensors",
+        "learned_embeds-steps-4.safetensors",
+        "learned_embeds.safetensors",
     ]
     for ckpt in ("checkpoint-2", "checkpoint-4"):
         assert os.listdir(out / ckpt) == ["training_state.pt"]
@@ -89,21 +117,25 @@ def test_torchrun_two_cpu_processes(tiny_sd, example_images, tmp_path, base_voca
     tensors, meta = read_embeds(out / "learned_embeds.safetensors")
     assert torch.equal(tensors[PLACEHOLDER], ranks[0]["vectors"][0])
     assert meta["steps"] == "4"
-    np.testing.assert_allclose(np.linalg.norm(tensors[PLACEHOLDER].double().numpy(), axis=-1), base_vocab["mean"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(tensors[PLACEHOLDER].double().numpy(), axis=-1), base_vocab["mean"], rtol=1e-5
+    )
 
-    # --scale_lr counts the processes: 0.01 x batch 1 x accumulation 1 x 2 processes.
-    assert ranks[0]["effective_lr"] == pytest.approx(0.02)
+    # --scale_lr counts the processes: the default learning rate x batch 1 x accumulation 1 x 2 processes.
+    effective_lr = 2 * script_defaults().learning_rate
+    assert ranks[0]["effective_lr"] == pytest.approx(effective_lr)
     init = base_vocab["weight"][tokenizer.get_vocab()["toy</w>"]]
-    v = tensors[PLACEHOLDER].double().numpy()[0]
-    cos = v @ init / (np.linalg.norm(v) * np.linalg.norm(init))
-    angle = np.arccos(np.clip(cos, -1, 1))
-    assert 1e-3 < angle <= 4 * 0.02 + 1e-4
+    turned = angle(init, tensors[PLACEHOLDER][0])
+    assert 1e-3 < turned <= 4 * effective_lr + 1e-4
 
     # The checkpoint records the two-process layout and the same vectors.
     state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=True)
-    assert (state["flags"]["num_processes"], state["flags"]["train_batch_size"], state["flags"]["gradient_accumulation_steps"]) == (2, 1, 1)
+    assert (
+        state["flags"]["num_processes"],
+        state["flags"]["train_batch_size"],
+        state["flags"]["gradient_accumulation_steps"],
+    ) == (2, 1, 1)
     assert torch.equal(state["params"][0], ranks[0]["params"][0])
-
 
 
 @pytest.mark.subprocess
@@ -115,10 +147,25 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_says_so_once(ti
 
     out = tmp_path / "out"
     argv = sd_argv(tiny_sd, example_images, out, "--checkpointing_steps", "3", "--log_steps", "2", steps=100000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), SCRIPT, *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        SCRIPT,
+        *argv,
+    ]
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         deadline = time.time() + 120
         while not (out / "checkpoint-3").is_dir():

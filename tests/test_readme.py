@@ -1,5 +1,7 @@
-"""The README's commands are the ones CI runs, and its offline smoke run works as written."""
+"""The README: its commands are the ones CI runs, its offline smoke run and its first command work as written, and its
+code uses current diffusers arguments."""
 
+import glob
 import os
 import re
 import shlex
@@ -11,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import run_inprocess
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,13 +43,26 @@ def test_no_torchvision_anywhere():
     assert "torchvision" not in open(os.path.join(ROOT, "requirements.txt")).read().split("No torchvision")[0]
 
 
+def test_readme_uses_dtype_not_the_deprecated_torch_dtype():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "torch_dtype" not in readme
+    assert "dtype=torch.float16" in readme
+
+
 @pytest.mark.subprocess
 def test_smoke_run_as_written(tmp_path):
-    for name in ("tools", "train_directional_textual_inversion.py", "dti_utils.py", "dti_concepts.py"):
-        os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    # what a user has after a clone: every top-level module (new ones included) and tools/
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))) + [os.path.join(ROOT, "tools")]:
+        os.symlink(path, tmp_path / os.path.basename(path))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     for command in readme_block("Smoke run: offline, on a CPU, in under a minute"):
-        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     assert "generated smoke-output/toy.png" in result.stdout
     vectors = load_file(tmp_path / "smoke-output" / "learned_embeds.safetensors")["<toy>"]
@@ -56,23 +72,46 @@ def test_smoke_run_as_written(tmp_path):
 
 
 def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_sd, tmp_path):
-    """The README's first command names the public example dataset; run as written (but for the tiny model, the size and
-    the step count) on a local folder with that dataset's layout, through the same `datasets` image-folder path."""
+    """The README's first command names the public example dataset; run as written (but for the tiny model, the size
+    and the step count) on a local folder with that dataset's layout, through the same `datasets` image-folder
+    path."""
     install, launch = readme_block("Install and train")[0].split(" && ")
     assert install == "pip install -r requirements.txt"
     argv = shlex.split(launch)
     assert argv[:3] == ["accelerate", "launch", "train_directional_textual_inversion.py"]
     at = argv.index("--dataset_name") + 1
     assert argv[at] == "diffusers/cat_toy_example"
-    data = tmp_path / "cat_toy_example"  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
+    data = (
+        tmp_path / "cat_toy_example"
+    )  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
     data.mkdir()
     (data / ".gitattributes").write_text("*.jpeg filter=lfs diff=lfs merge=lfs -text\n")
     for i in range(6):
         Image.new("RGB", (48 + 8 * i, 40), (30 * i, 120, 200 - 20 * i)).save(data / f"{i + 1}.jpeg")
     argv[at] = str(data)
     out = tmp_path / "out"
-    result = run_inprocess(argv[3:] + ["--pretrained_model_name_or_path", tiny_sd, "--resolution", "32", "--max_train_steps", "1", "--output_dir", out,
-                                       "--cache_dir", tmp_path / "cache", "--report_to", "none", "--num_validation_images", "1",
-                                       "--num_validation_inference_steps", "1", "--crop_positions", "2"])
+    result = run_inprocess(
+        argv[3:]
+        + [
+            "--pretrained_model_name_or_path",
+            tiny_sd,
+            "--resolution",
+            "32",
+            "--max_train_steps",
+            "1",
+            "--output_dir",
+            out,
+            "--cache_dir",
+            tmp_path / "cache",
+            "--report_to",
+            "none",
+            "--num_validation_images",
+            "1",
+            "--num_validation_inference_steps",
+            "1",
+            "--crop_positions",
+            "2",
+        ]
+    )
     assert result.data.num_images == 6
     assert load_file(out / "learned_embeds.safetensors")["<cat-toy>"].shape == (1, 32)

@@ -1,7 +1,8 @@
 """Unit tests of dti_utils' math and concept helpers against independent float64 numpy formulas.
 
-Sphere geometry, the RiemannianSGD update of the spec (DTI_SPEC.md "The method"), vocabulary norm
-statistics, --token_scale and the token/initializer rules.
+Sphere geometry, the RiemannianSGD update of the paper (Kim et al., arXiv 2512.13672: Riemannian SGD on the unit
+sphere with a von Mises-Fisher prior; the README's "Flags" table states what --rsgd_beta, --kappa and --learning_rate
+do to a step), vocabulary norm statistics, --token_scale and the token/initializer rules.
 """
 
 import copy
@@ -14,10 +15,10 @@ import torch
 from dti_utils import (
     DTIError,
     RiemannianSGD,
-    placeholder_token_list,
     dist,
-    projx,
+    placeholder_token_list,
     proju,
+    projx,
     resolve_token_scale,
     resolve_tokens,
     retr,
@@ -25,8 +26,11 @@ from dti_utils import (
     vocabulary_norm_stats,
 )
 
+from conftest import angle
+
+
 # ----------------------------------------------------------------------------------------------------
-# Independent references (float64 numpy), written from DTI_SPEC.md
+# Independent references (float64 numpy), written from the paper (arXiv 2512.13672); the angle is conftest's
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -35,16 +39,8 @@ def np_unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def np_angle(a, b):
-    """Angle between rows, stable for small angles: atan2(|a x b|, a.b) via the tangent component."""
-    a, b = np_unit(a), np_unit(b)
-    dot = (a * b).sum(-1)
-    perp = np.linalg.norm(b - dot[..., None] * a, axis=-1)
-    return np.arctan2(perp, dot)
-
-
 def ref_rsgd_step(v, grad, mu, s, t, lr, kappa, beta, eps=1e-8):
-    """One step of the spec's Riemannian SGD, row by row. Returns (v, s)."""
+    """One step of the paper's Riemannian SGD (arXiv 2512.13672), row by row. Returns (v, s)."""
     g = grad - kappa * mu
     g = g - (g * v).sum(-1, keepdims=True) * v
     h = (g * g).sum(-1, keepdims=True)
@@ -83,7 +79,9 @@ def test_projx_gives_unit_rows_with_the_same_direction():
     # Projecting a unit row is (numerically) the identity; retr moves along a tangent vector and lands on the sphere.
     np.testing.assert_allclose(projx(r).numpy(), r.numpy(), atol=1e-7)
     u = proju(r, torch.randn(16, 32, generator=g) * 0.1)
-    np.testing.assert_allclose(retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6)
+    np.testing.assert_allclose(
+        retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6
+    )
 
 
 def test_proju_is_orthogonal_and_matches_formula():
@@ -102,7 +100,7 @@ def test_proju_is_orthogonal_and_matches_formula():
 def test_dist_matches_numpy_down_to_tiny_angles():
     a = random_unit(6, 16, seed=3) * 0.4
     b = random_unit(6, 16, seed=4) * 7.0
-    np.testing.assert_allclose(dist(a, b).double().numpy(), np_angle(a.numpy(), b.numpy()), atol=1e-5)
+    np.testing.assert_allclose(dist(a, b).double().numpy(), angle(a, b), atol=1e-5)
     assert dist(a, a).abs().max().item() < 1e-6
     # 1e-4 rad apart: arccos of a float32 cosine would give 0 (or 3.5e-4); the sine part keeps it
     near = torch.from_numpy(rotate_toward(a.numpy(), b.numpy(), 1e-4)).float()
@@ -117,10 +115,10 @@ def test_slerp_endpoints_midpoint_and_formula():
     mid = slerp(a, b, 0.5).double().numpy()
     ad, bd = a.double().numpy(), b.double().numpy()
     np.testing.assert_allclose(mid, np_unit(ad + bd), atol=1e-6)  # the midpoint bisects the arc
-    omega = np_angle(ad, bd)
-    np.testing.assert_allclose(np_angle(ad, mid), omega / 2, atol=1e-5)
-    np.testing.assert_allclose(np_angle(bd, mid), omega / 2, atol=1e-5)
-    # t = 0.3 against the spec's formula sin((1-t)W)/sin W a + sin(tW)/sin W b.
+    omega = angle(ad, bd)
+    np.testing.assert_allclose(angle(ad, mid), omega / 2, atol=1e-5)
+    np.testing.assert_allclose(angle(bd, mid), omega / 2, atol=1e-5)
+    # t = 0.3 against the slerp formula sin((1-t)W)/sin W a + sin(tW)/sin W b.
     t = 0.3
     ref = (np.sin((1 - t) * omega)[:, None] * ad + np.sin(t * omega)[:, None] * bd) / np.sin(omega)[:, None]
     np.testing.assert_allclose(slerp(a, b, t).double().numpy(), ref, atol=1e-5)
@@ -150,10 +148,19 @@ def test_rsgd_beta0_moves_every_row_by_lr_radians_whatever_the_gradient_size():
     grad = torch.randn(8, 32, generator=torch.Generator().manual_seed(11)) * torch.logspace(-3, 3, 8).unsqueeze(-1)
     p.grad = grad.clone()
     opt.step()
-    moved = np_angle(v0.numpy(), p.detach().numpy())
+    moved = angle(v0, p)
     np.testing.assert_allclose(moved, lr, atol=1e-5)  # atan(lr) = lr - lr^3/3: within 1e-5 of lr
     np.testing.assert_allclose(np.linalg.norm(p.detach().double().numpy(), axis=-1), 1.0, atol=1e-6)
-    ref, _ = ref_rsgd_step(v0.double().numpy(), grad.double().numpy(), np.zeros((8, 32)), np.zeros((8, 1)), 1, lr, 0.0, 0.0)
+    ref, _ = ref_rsgd_step(
+        v=v0.double().numpy(),
+        grad=grad.double().numpy(),
+        mu=np.zeros((8, 32)),
+        s=np.zeros((8, 1)),
+        t=1,
+        lr=lr,
+        kappa=0.0,
+        beta=0.0,
+    )
     np.testing.assert_allclose(p.detach().double().numpy(), ref, atol=1e-6)
     # The step goes against the gradient: the loss's first-order change is negative for every row.
     delta = p.detach().double().numpy() - v0.double().numpy()
@@ -174,11 +181,11 @@ def test_rsgd_prior_alone_pulls_toward_mu():
     np.testing.assert_allclose(p.detach().numpy(), mu.numpy(), atol=1e-5)
     with torch.no_grad():
         p.copy_(start)
-    angles = [np_angle(mu.numpy(), p.detach().numpy())]
+    angles = [angle(mu, p)]
     for _ in range(5):
         p.grad = torch.zeros_like(p)  # no data gradient: only the vMF prior acts
         opt.step()
-        angles.append(np_angle(mu.numpy(), p.detach().numpy()))
+        angles.append(angle(mu, p))
     angles = np.stack(angles)
     np.testing.assert_allclose(angles[0], 0.5, atol=1e-5)
     assert (np.diff(angles, axis=0) < 0).all()  # monotonically closer to mu
@@ -195,7 +202,7 @@ def test_rsgd_set_prior_and_kappa_zero():
     np.testing.assert_allclose(opt.state[p]["prior"].numpy(), mu.numpy(), atol=1e-6)
     p.grad = torch.zeros_like(p)
     opt.step()
-    np.testing.assert_allclose(np_angle(mu.numpy(), p.detach().numpy()), 0.3 - 0.02, atol=1e-4)
+    np.testing.assert_allclose(angle(mu, p), 0.3 - 0.02, atol=1e-4)
     # kappa = 0 and no data gradient: nothing moves.
     q = torch.nn.Parameter(start.clone())
     opt0 = RiemannianSGD([q], lr=0.02, kappa=0.0)
@@ -219,7 +226,9 @@ def test_rsgd_matches_spec_reference_over_several_steps(beta, kappa):
         grad = torch.randn(rows, dim, generator=gen) * (10.0 ** (t - 3))  # magnitudes vary from step to step
         p.grad = grad.clone()
         opt.step()
-        v, s = ref_rsgd_step(v, grad.double().numpy(), mu.double().numpy(), s, t, lr, kappa, beta)
+        v, s = ref_rsgd_step(
+            v=v, grad=grad.double().numpy(), mu=mu.double().numpy(), s=s, t=t, lr=lr, kappa=kappa, beta=beta
+        )
         np.testing.assert_allclose(p.detach().double().numpy(), v, atol=2e-6, err_msg=f"step {t}")
     assert opt.state[p]["step"].item() == 5
     if beta > 0:
@@ -248,13 +257,22 @@ def test_rsgd_nonfinite_gradient_changes_nothing(bad):
     g2 = torch.randn(3, 16, generator=torch.Generator().manual_seed(33))
     p.grad = g2.clone()
     opt.step()
-    v, s = ref_rsgd_step(random_unit(3, 16, seed=30).double().numpy(), g1.double().numpy(), mu, np.zeros((3, 1)), 1, lr, kappa, beta)
-    v, s = ref_rsgd_step(v, g2.double().numpy(), mu, s, 2, lr, kappa, beta)
+    v, s = ref_rsgd_step(
+        v=random_unit(3, 16, seed=30).double().numpy(),
+        grad=g1.double().numpy(),
+        mu=mu,
+        s=np.zeros((3, 1)),
+        t=1,
+        lr=lr,
+        kappa=kappa,
+        beta=beta,
+    )
+    v, s = ref_rsgd_step(v=v, grad=g2.double().numpy(), mu=mu, s=s, t=2, lr=lr, kappa=kappa, beta=beta)
     np.testing.assert_allclose(p.detach().double().numpy(), v, atol=2e-6)
 
 
 def test_rsgd_state_dict_round_trip_gives_identical_next_steps():
-    kwargs = dict(lr=0.03, kappa=0.5, beta=0.8)
+    kwargs = {"lr": 0.03, "kappa": 0.5, "beta": 0.8}
     p = torch.nn.Parameter(random_unit(4, 16, seed=40))
     opt = RiemannianSGD([p], **kwargs)
     gen = torch.Generator().manual_seed(41)
@@ -289,7 +307,11 @@ def test_rsgd_state_is_float32(dtype):
         p.grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(51)).to(dtype)
         opt.step()
     assert p.dtype == dtype
-    assert {k: v.dtype for k, v in opt.state[p].items()} == {"prior": torch.float32, "step": torch.float32, "exp_avg_sq": torch.float32}
+    assert {k: v.dtype for k, v in opt.state[p].items()} == {
+        "prior": torch.float32,
+        "step": torch.float32,
+        "exp_avg_sq": torch.float32,
+    }
 
 
 def test_rsgd_state_stays_float32_after_load_state_dict_for_half_parameters():
@@ -300,13 +322,17 @@ def test_rsgd_state_stays_float32_after_load_state_dict_for_half_parameters():
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = RiemannianSGD([q], lr=0.05, kappa=0.1, beta=0.9)
     opt2.load_state_dict(opt.state_dict())
-    assert {k: v.dtype for k, v in opt2.state[q].items()} == {"prior": torch.float32, "step": torch.float32, "exp_avg_sq": torch.float32}
+    assert {k: v.dtype for k, v in opt2.state[q].items()} == {
+        "prior": torch.float32,
+        "step": torch.float32,
+        "exp_avg_sq": torch.float32,
+    }
     assert torch.equal(opt2.state[q]["prior"], opt.state[p]["prior"])
 
 
 def test_rsgd_rejects_bad_hyperparameters():
     p = torch.nn.Parameter(random_unit(1, 4, seed=0))
-    for kwargs in (dict(lr=-1.0), dict(kappa=-0.1), dict(beta=1.0), dict(beta=-0.1)):
+    for kwargs in ({"lr": -1.0}, {"kappa": -0.1}, {"beta": 1.0}, {"beta": -0.1}):
         with pytest.raises(ValueError):
             RiemannianSGD([p], **kwargs)
 
@@ -328,8 +354,16 @@ def test_rsgd_add_param_group_then_step():
     grad = torch.randn(3, 8, generator=torch.Generator().manual_seed(63))
     p.grad, q.grad = torch.randn(2, 8), grad.clone()
     opt.step()
-    v, s = ref_rsgd_step(random_unit(3, 8, seed=62).double().numpy(), grad.double().numpy(), random_unit(3, 8, seed=62).double().numpy(),
-                         np.zeros((3, 1)), 1, 0.02, 0.2, 0.5)
+    v, s = ref_rsgd_step(
+        v=random_unit(3, 8, seed=62).double().numpy(),
+        grad=grad.double().numpy(),
+        mu=random_unit(3, 8, seed=62).double().numpy(),
+        s=np.zeros((3, 1)),
+        t=1,
+        lr=0.02,
+        kappa=0.2,
+        beta=0.5,
+    )
     np.testing.assert_allclose(q.detach().double().numpy(), v, atol=2e-6)
     assert opt.state[q]["step"].item() == 1 and opt.param_groups[1]["kappa"] == 0.2  # the group's defaults filled in
 
@@ -440,4 +474,3 @@ def test_resolve_tokens_checks_the_expanded_names(tokenizer):
     resolve_tokens(tokenizer, "<c>", "toy", 2)  # <c>, <c>_1 are free
     with pytest.raises(DTIError, match="<c>_2"):
         resolve_tokens(tokenizer, "<c>", "toy", 3)
-

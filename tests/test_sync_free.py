@@ -52,8 +52,15 @@ def test_batches_index_device_tensors_only_within_an_epoch():
 
 def test_batches_on_the_device_equal_the_cpu_draws():
     """Indexing the epoch tables on the device picks what the CPU draws say, every rank its share."""
-    cpu = TrainingData(torch.arange(12.0).view(12, 1, 1, 1), torch.ones(12, 1, 1, 1), torch.arange(12).reshape(3, 2, 2),
-                       [torch.arange(5).view(5, 1)], repeats=3, flip_p=0.5, seed=3)
+    cpu = TrainingData(
+        torch.arange(12.0).view(12, 1, 1, 1),
+        torch.ones(12, 1, 1, 1),
+        torch.arange(12).reshape(3, 2, 2),
+        [torch.arange(5).view(5, 1)],
+        repeats=3,
+        flip_p=0.5,
+        seed=3,
+    )
     g = torch.Generator().manual_seed(3 * 1_000_003 + 0)  # the documented epoch draw
     order = torch.randperm(9, generator=g)
     wrapped = torch.cat([order, order[:3]])  # 2 steps x 2 ranks x batch 2 = 12 places for 9 samples: the order wraps
@@ -70,7 +77,12 @@ def test_batches_on_the_device_equal_the_cpu_draws():
     # ranks interleave within a step: rank 0 takes the even positions of the step's span, rank 1 the odd
     assert sorted(seen_views) == sorted(expected.tolist())
     assert seen_views[:4] == [int(expected[0]), int(expected[2]), int(expected[1]), int(expected[3])]
-    assert seen_views[8:] == [int(expected[8]), int(expected[10]), int(expected[9]), int(expected[11])]  # the wrapped last step
+    assert seen_views[8:] == [
+        int(expected[8]),
+        int(expected[10]),
+        int(expected[9]),
+        int(expected[11]),
+    ]  # the wrapped last step
     assert seen_templates[:4] == [int(templates[wrapped[i]]) for i in (0, 2, 1, 3)]
 
 
@@ -149,7 +161,7 @@ def _rows(seed, n=3, dim=16):
 
 
 def test_grad_scaler_step_equals_the_unscaled_step_without_a_host_read():
-    kwargs = dict(lr=0.05, kappa=0.3, beta=0.9)  # kappa makes the unscaling matter even for the normalised step
+    kwargs = {"lr": 0.05, "kappa": 0.3, "beta": 0.9}  # kappa makes the unscaling matter even for the normalised step
     grad = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     plain = torch.nn.Parameter(_rows(0))
     opt = RiemannianSGD([plain], **kwargs)
@@ -196,7 +208,9 @@ def test_loop_step_with_fp16_loss_scaling_equals_unscaled_steps_without_a_host_r
         plain, scaled = torch.nn.Parameter(_rows(3)), torch.nn.Parameter(_rows(3))
         opt_plain, opt_scaled = _make_optimizer(kind, plain), _make_optimizer(kind, scaled)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-        accelerated = SimpleNamespace(optimizer=opt_scaled, scaler=scaler)  # what guard_nonfinite_step sees of AcceleratedOptimizer
+        accelerated = SimpleNamespace(
+            optimizer=opt_scaled, scaler=scaler
+        )  # what guard_nonfinite_step sees of AcceleratedOptimizer
         with SyncRecorder() as rec:
             for _ in range(4):
                 loss = ((plain - target) ** 2).sum()
