@@ -18,11 +18,10 @@ __all__ = ["create_hub_repo", "base_model_license", "loading_snippet", "write_mo
 def create_hub_repo(name, *, token=None, private=False):
     """Create (or reuse) the Hub repository at the start of the run: a bad token or name fails before training."""
     from huggingface_hub import create_repo
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         return create_repo(name, exist_ok=True, token=token, private=private).repo_id
-    except (HfHubHTTPError, HFValidationError, OSError, ValueError) as e:
+    except Exception as e:  # any failure at the Hub (network, HTTP, token, name) is this one sentence
         raise DTIError(
             f"Could not create the Hub repository {name!r} ({type(e).__name__}: {e}); log in with `hf auth login` or "
             "pass --hub_token, or drop --push_to_hub."
@@ -56,14 +55,14 @@ def base_model_license(base_model, token=None):
     """{license[, license_name, license_link]} from the base model's card (local folder or Hub), else from
     KNOWN_LICENSES; {} when unknown."""
     from huggingface_hub import ModelCard
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
     try:
         local = os.path.join(base_model, "README.md")
         data = ModelCard.load(local if os.path.isfile(local) else base_model, token=token).data
         if data.license:
             return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
-    except (HfHubHTTPError, HFValidationError, OSError, ValueError):  # offline, gated, no card: the table decides
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError):  # offline, gated, no card
         pass
     return {"license": KNOWN_LICENSES[base_model]} if base_model in KNOWN_LICENSES else {}
 
@@ -232,7 +231,6 @@ def push_output_to_hub(output_dir, repo_id, *, hub_token=None, push_checkpoints=
     """Write the model card (write_model_card's keyword arguments in `card`) and upload the output folder: the
     embeddings, validation images and the card; checkpoints only with push_checkpoints."""
     from huggingface_hub import upload_folder
-    from huggingface_hub.errors import HfHubHTTPError
 
     base = card["base_model"]
     license = base_model_license(base, hub_token)
@@ -247,7 +245,7 @@ def push_output_to_hub(output_dir, repo_id, *, hub_token=None, push_checkpoints=
             ignore_patterns=ignore,
             token=hub_token,
         )
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except Exception as e:  # any failure of the upload (network, HTTP, token): the output on disk is complete
         raise DTIError(
             f"Upload to {repo_id} failed ({type(e).__name__}: {e}); the output in {output_dir} is complete. Retry "
             f"with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*/*' 'logs/*'"

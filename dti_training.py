@@ -519,12 +519,13 @@ def save_checkpoint(output_dir, step, state, total_limit=None):
 
 @torch.no_grad()
 def log_validation(
-    pipeline, accelerator, *, prompt, num_images, num_inference_steps, seed, output_dir, step, stop=None
+    pipeline, accelerator, *, prompt, num_images, num_inference_steps, seed, weight_dtype, output_dir, step, stop=None
 ):
     """Render `num_images` images of `prompt` with the models in memory (the same seed every time), save them under
-    output_dir/validation/ and send them to the trackers. The UNet denoises under accelerate's autocast; the VAE
-    decodes outside it, in its own dtype (the SDXL VAE overflows in fp16). A stop request ends the validation at its
-    next denoising step and discards it. Returns the image paths."""
+    output_dir/validation/ and send them to the trackers. The UNet denoises under autocast to `weight_dtype` (not
+    accelerator.autocast(), which accelerate leaves off for fp16 on a CPU, where the float32 text encoders would then
+    feed a half-precision UNet); the VAE decodes outside it, in its own dtype (the SDXL VAE overflows in fp16). A stop
+    request ends the validation at its next denoising step and discards it. Returns the image paths."""
     from diffusers.training_utils import free_memory
     from diffusers.utils import is_wandb_available
 
@@ -539,7 +540,7 @@ def log_validation(
 
     images = []
     for _ in range(num_images):
-        with accelerator.autocast():
+        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             latents = pipeline(
                 prompt,
                 num_inference_steps=num_inference_steps,

@@ -150,8 +150,8 @@ class RiemannianSGD(torch.optim.Optimizer):
     """Riemannian SGD on unit rows with a von Mises-Fisher prior: the DTI update (see `rsgd`).
 
     Parameters must hold unit rows. Per-parameter state, created at the first step (so `add_param_group` works at
-    any time): `prior` (mu: the parameter's direction at its first step, float32), `step` and `exp_avg_sq`
-    (float32, per row).
+    any time): `prior` (mu, float32: the parameter's direction at its first step, unless `state[p]["prior"]` was set
+    before), `step` and `exp_avg_sq` (float32, per row).
 
     Like torch's fused optimizers it takes part in AMP loss scaling without a host sync: `torch.amp.GradScaler`
     sees `_step_supports_amp_scaling` and hands over `grad_scale` and `found_inf` as attributes; the same
@@ -174,8 +174,8 @@ class RiemannianSGD(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:  # lazy: the prior is the direction the parameter has when it first steps
-                state["prior"] = projx(p.detach().float()).clone()
+            if "step" not in state:  # lazy: the prior is the parameter's direction at its first step, unless preset
+                state.setdefault("prior", projx(p.detach().float()).clone())
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(p.shape[:-1] + (1,), dtype=torch.float32, device=p.device)
             params.append(p)

@@ -290,6 +290,7 @@ def main(args, callback=None):
                 num_images=args.num_validation_images,
                 num_inference_steps=args.num_validation_inference_steps,
                 seed=args.seed,
+                weight_dtype=weight_dtype,
                 output_dir=args.output_dir,
                 step=step,
                 stop=stop,

@@ -203,9 +203,27 @@ def script_defaults(module=None):
     return module.parse_args(["--placeholder_token", "<x>", "--initializer_token", "x", "--train_data_dir", "d"])
 
 
-def run_inprocess(argv, callback=None):
-    """main(parse_args(argv)) in this process (no entry-point error handling); returns main's result."""
-    module = train_module()
+def reset_accelerate():
+    """Release accelerate's process-wide singletons, so that the next main() in this process starts with its own
+    flags (mixed precision, CPU): a command-line run has one main() per process, the tests many."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate has no public reset
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def run_inprocess(argv, callback=None, module=None):
+    """main(parse_args(argv)) of a training script (the SD one by default) in this process, after resetting
+    accelerate's singletons (no entry-point error handling); returns main's result."""
+    module = module or train_module()
+    reset_accelerate()
     return module.main(module.parse_args([str(a) for a in argv]), callback)
 
 
@@ -215,6 +233,7 @@ def run_cli_inprocess(argv, module=None):
     import dti_cli
 
     module = module or train_module()
+    reset_accelerate()
     try:
         return dti_cli.run_cli(module.main, module.parse_args, [str(a) for a in argv])
     except SystemExit as e:

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from dti_utils import DTIError, GraphedUNet
+from dti_graphs import GraphedUNet
+from dti_utils import DTIError
 
 
 def emulated_make_graphed_callables(captures):
@@ -189,7 +190,7 @@ def test_full_size_unet_training_pass_reads_nothing_back_and_copies_nothing_from
     """What a CUDA graph capture needs of the UNet: no host reads, no host->device copies (checked on 'meta')."""
     from diffusers import UNet2DConditionModel
 
-    from dti_utils import HostSyncRecorder as SyncRecorder
+    from dti_graphs import HostSyncRecorder as SyncRecorder
 
     from benchmark_training import SD15_UNET, SDXL_UNET
 

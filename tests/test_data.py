@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 import dti_cli
+import dti_data
 import dti_utils
 
 from conftest import PLACEHOLDER, one_error, read_embeds, row_norms, run_cli_inprocess, run_inprocess, sd_argv
@@ -91,7 +92,7 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
         "d_grey_alpha.png",
         Image.fromarray(np.dstack([np.full((8, 8), 50, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA"),
     )
-    images = dti_cli.load_training_images(str(tmp_path))
+    images = dti_data.load_training_images(str(tmp_path))
     assert [im.image.mode for im in images] == ["RGB"] * 4
     a, b, c, d = (np.asarray(im.image) for im in images)
     assert (a[:, :4] == 255).all()  # transparency composited on white
@@ -104,7 +105,7 @@ def test_load_training_images_rgba_and_greyscale(tmp_path):
 def test_load_training_images_16_bit_greyscale_is_scaled(tmp_path):
     values = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
     _save(tmp_path, "g16.png", Image.fromarray(values))
-    image = np.asarray(dti_cli.load_training_images(str(tmp_path))[0].image).astype(np.float64)
+    image = np.asarray(dti_data.load_training_images(str(tmp_path))[0].image).astype(np.float64)
     np.testing.assert_allclose(image[..., 0], values / 257.0, atol=1.0)
 
 
@@ -116,7 +117,7 @@ def test_load_training_images_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
     _save(tmp_path, name="rotated.png", image=Image.fromarray(pixels), exif=exif)
-    image = dti_cli.load_training_images(str(tmp_path))[0].image
+    image = dti_data.load_training_images(str(tmp_path))[0].image
     assert image.size == (20, 40)  # width, height swapped
     np.testing.assert_array_equal(np.asarray(image), np.rot90(pixels, k=-1))
 
@@ -147,7 +148,7 @@ def test_huge_float_and_tiny_images(sd_args, tmp_path, capsys, caplog, example_i
     values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(values, "F").save(data / "float.tif")
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(data / "dot.png")
-    images = {os.path.basename(im.name): im.image for im in dti_cli.load_training_images(str(data))}
+    images = {os.path.basename(im.name): im.image for im in dti_data.load_training_images(str(data))}
     np.testing.assert_allclose(
         np.asarray(images["float.tif"])[..., 0], np.round(values * 255), atol=0.5
     )  # scaled, not near-black
@@ -304,17 +305,17 @@ def test_v_prediction_loss_is_against_the_velocity(sd2_run, tiny_sd2):
     vae_config = AutoencoderKL.load_config(tiny_sd2, subfolder="vae")
     batch = sd2_run[0].data.batch(0, 2, 1, 0)
     hidden = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0))
-    ours = dti_utils.diffusion_loss(
+    ours = dti_data.diffusion_loss(
         unet,
         scheduler,
         batch,
         hidden,
-        dti_utils.step_generator(5, 0, 0, "cpu"),
-        SimpleNamespace(**vae_config),
-        torch.float32,
+        generator=dti_data.step_generator(5, 0, 0, "cpu"),
+        vae_config=SimpleNamespace(**vae_config),
+        weight_dtype=torch.float32,
     )
 
-    g = dti_utils.step_generator(5, 0, 0, "cpu")  # the same stream: latent sample, noise, timesteps
+    g = dti_data.step_generator(5, 0, 0, "cpu")  # the same stream: latent sample, noise, timesteps
     x0 = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g)) * vae_config["scaling_factor"]
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
@@ -396,7 +397,7 @@ def test_captions_give_the_expected_prompts(tiny_sd, captioned_images, ids_of, t
         steps=1,
     )
     data = run_inprocess(argv).data
-    templates = [ids_of(t.format(PLACEHOLDER)) for t in dti_utils.OBJECT_TEMPLATES]
+    templates = [ids_of(t.format(PLACEHOLDER)) for t in dti_data.OBJECT_TEMPLATES]
     names = sorted(n[:-4] for n in os.listdir(captioned_images) if n.endswith(".png"))
     samples = epoch_prompts(data)
     assert sorted({i for i, _ in samples}) == list(range(5)) and len(samples) == 20
@@ -417,12 +418,12 @@ def test_captions_give_the_expected_prompts(tiny_sd, captioned_images, ids_of, t
 def test_caption_naming_the_placeholder_gets_all_its_tokens():
     """A caption that writes the placeholder itself keeps it, each vector's token in place (a multi-vector token)."""
     assert (
-        dti_utils.caption_prompt("a <T> toy by the sea", "<t> <t>_1", "toy") == "a <t> <t>_1 toy by the sea"
+        dti_data.caption_prompt("a <T> toy by the sea", "<t> <t>_1", "toy") == "a <t> <t>_1 toy by the sea"
     )  # before the class word
     assert (
-        dti_utils.caption_prompt("a <t>_1 and a toy", "<t> <t>_1", "toy") == "a <t>_1 and a <t> <t>_1"
+        dti_data.caption_prompt("a <t>_1 and a toy", "<t> <t>_1", "toy") == "a <t>_1 and a <t> <t>_1"
     )  # <t>_1 is not <t>
-    assert dti_utils.caption_prompt("{} and {}", "<t>", "toy") == "<t> and <t>"
+    assert dti_data.caption_prompt("{} and {}", "<t>", "toy") == "<t> and <t>"
 
 
 def test_resume_is_exact_with_captions(tiny_sd, captioned_images, tmp_path):
@@ -460,12 +461,12 @@ def test_caption_column_of_a_dataset(tmp_path):
         Image.new("RGB", (40, 32), (40 * i, 80, 120)).save(folder / f"{i}.jpeg")
     rows = [{"file_name": "0.jpeg", "text": "a {} on a  table"}, {"file_name": "1.jpeg", "text": ""}]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    images = dti_cli.load_training_images(
+    images = dti_data.load_training_images(
         dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="text"
     )
     assert [im.caption for im in images] == ["a {} on a table", None]
     with pytest.raises(dti_utils.DTIError, match="--caption_column 'caption'"):
-        dti_cli.load_training_images(
+        dti_data.load_training_images(
             dataset_name=str(folder), cache_dir=str(tmp_path / "cache"), caption_column="caption"
         )
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import dti_cli
 import dti_concepts
+import dti_metrics
 import evaluate_dti
 
 from conftest import PLACEHOLDER, error_lines, run_inprocess
@@ -140,7 +141,7 @@ def test_subject_score_of_identical_images_is_one_and_pairwise_means_are_symmetr
     for metric in ("subject_dino", "subject_clip"):
         assert ab[metric].mean() == pytest.approx(ba[metric].mean(), abs=1e-6)  # mean of a matrix and of its transpose
     features = scorer.encoders["dino"].image_features(a + b)
-    matrix = evaluate_dti.cosine_matrix(features, features)
+    matrix = dti_metrics.cosine_matrix(features, features)
     assert torch.allclose(matrix, matrix.T, atol=1e-6) and torch.allclose(matrix.diagonal(), torch.ones(5), atol=1e-6)
 
 
@@ -151,8 +152,8 @@ def test_summary_is_mean_and_standard_error():
 
 
 def test_class_prompt_replaces_the_placeholder_and_its_numbered_tokens():
-    assert evaluate_dti.class_prompt("a <t> on a beach", "<t>", "toy") == "a toy on a beach"
-    assert evaluate_dti.class_prompt("a <t> <t>_1 <t>_2 near <t>", "<t>", "toy") == "a toy near toy"
+    assert dti_metrics.class_prompt("a <t> on a beach", "<t>", "toy") == "a toy on a beach"
+    assert dti_metrics.class_prompt("a <t> <t>_1 <t>_2 near <t>", "<t>", "toy") == "a toy near toy"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_end_to_end_layout_json_csv_grid_and_resume(eval_inputs, by_hand):
 
     # The grid: embeddings as rows, prompts as columns, the first seed's images, under a band of labels.
     grid = np.asarray(Image.open(out / "grid_mine.png").convert("RGB"))
-    band = evaluate_dti.label_band(32)
+    band = dti_metrics.label_band(32)
     assert grid.shape[0] == band + 2 * 32 and grid.shape[1] > 2 * 32
     margin = grid.shape[1] - 2 * 32
     for r, label in enumerate(["dti", "ti"]):

@@ -289,3 +289,22 @@ def test_help_documents_the_dti_flags():
     # How --scale_lr acts on the step: the multiplier and what it means in radians.
     assert "batch size x gradient accumulation x processes" in text
     assert "rad" in text
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_dti_debug_shows_the_cause_of_an_error(sd_args, tmp_path, capsys, monkeypatch, debug):
+    """An error is one line; with DTI_DEBUG=1 the traceback of the error and of its cause (the damaged checkpoint's
+    unpickling error) comes first, and the one line still ends the output."""
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("DTI_DEBUG", debug)
+    assert run_cli_inprocess(sd_args("--resume_from_checkpoint", checkpoint)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: Checkpoint ") and "cannot be read" in err[-1]
+    tracebacks = [line for line in err if line.startswith("Traceback")]
+    if debug:
+        assert len(tracebacks) == 2 and "The above exception was the direct cause of the following exception:" in err
+        assert any(line.startswith("dti_utils.DTIError: Checkpoint ") for line in err)
+    else:
+        assert not tracebacks and len([line for line in err if line.startswith("error:")]) == 1

@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
-import dti_cli
 import dti_concepts
-import dti_utils
-from dti_utils import ConceptEmbedding, DTIWarning
+import dti_files
+import dti_hub
+from dti_files import ConceptEmbedding
+from dti_utils import DTIWarning
 
 from conftest import angle, sd_argv
 
@@ -344,15 +345,15 @@ def test_every_pickle_form_passes_a1111_safe_unpickle(concepts, fp16_run, tmp_pa
 
 def _file(tmp_path, concept):
     """The concept as a diffusers {token: tensor} file, an input for the tools (SD)."""
-    path = str(tmp_path / f"src-{dti_utils.embedding_slug(concept.token)}.safetensors")
-    return path if os.path.exists(path) else dti_utils.write_diffusers(concept, path)[0]
+    path = str(tmp_path / f"src-{dti_files.embedding_slug(concept.token)}.safetensors")
+    return path if os.path.exists(path) else dti_files.write_diffusers(concept, path)[0]
 
 
 def _folder(tmp_path, concept):
     """The concept as a training output folder (SDXL: learned_embeds + learned_embeds_2)."""
-    folder = str(tmp_path / f"src-{dti_utils.embedding_slug(concept.token)}")
+    folder = str(tmp_path / f"src-{dti_files.embedding_slug(concept.token)}")
     if not os.path.isdir(folder):
-        dti_utils.write_diffusers(concept, folder)
+        dti_files.write_diffusers(concept, folder)
     return folder
 
 
@@ -370,7 +371,7 @@ def test_single_key_safetensors_forms_register_their_token_in_diffusers(concepts
     )
     # every SD single-key .safetensors form we write -> its concept (three tokens, all loaded into one pipeline)
     files = {
-        dti_utils.write_diffusers(sd, str(tmp_path / "run"))[0]: sd,  # run/learned_embeds.safetensors
+        dti_files.write_diffusers(sd, str(tmp_path / "run"))[0]: sd,  # run/learned_embeds.safetensors
         dti_concepts.convert_embedding(_file(tmp_path, a1111), "a1111", str(tmp_path / "ui"))[
             0
         ]: a1111,  # ui/cat-toy-1.safetensors
@@ -396,7 +397,7 @@ def test_single_key_safetensors_forms_register_their_token_in_diffusers(concepts
 
     # SDXL: each per-encoder file is single-key too, loaded into its own encoder without token=
     folder = str(tmp_path / "sdxl")
-    dti_utils.write_diffusers(sdxl, folder)
+    dti_files.write_diffusers(sdxl, folder)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     for stem, enc, tok, name in (
         ("learned_embeds", pipe.text_encoder, pipe.tokenizer, "text_encoder"),
@@ -410,7 +411,7 @@ def test_single_key_safetensors_forms_register_their_token_in_diffusers(concepts
 def test_each_form_in_each_consumer(concepts, tmp_path):
     """What AUTOMATIC1111, ComfyUI and kohya do with each file form we write (the table in the README)."""
     sd, sdxl = concepts.sd, concepts.sdxl
-    sd_files = dti_utils.write_diffusers(sd, str(tmp_path / "sd")) + [
+    sd_files = dti_files.write_diffusers(sd, str(tmp_path / "sd")) + [
         dti_concepts.convert_embedding(_file(tmp_path, sd), "a1111", str(tmp_path / f"cat-toy{ext}"))[0]
         for ext in (".safetensors", ".pt")
     ]
@@ -425,7 +426,7 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
 
     dims = list(SDXL_DIMS)
     folder = str(tmp_path / "sdxl")
-    per_encoder = dti_utils.write_diffusers(sdxl, folder, single_file=True)
+    per_encoder = dti_files.write_diffusers(sdxl, folder, single_file=True)
     *per_encoder, single = per_encoder
     pt = dti_concepts.convert_embedding(folder, "a1111", str(tmp_path / "dog-ti.pt"))[0]
     for path in (single, pt):  # the one SDXL file every UI reads: both encoders
@@ -469,7 +470,7 @@ def test_each_form_in_each_consumer(concepts, tmp_path):
     ],
 )
 def test_file_stem_keeps_a_character_clip_splits_off(token, stem, tokenizer):
-    assert dti_utils.embedding_slug(token, file_stem=True) == stem
+    assert dti_files.embedding_slug(token, file_stem=True) == stem
     # The tokenizer never makes the stem one token, so no ordinary word is the A1111 prompt word ...
     assert len(tokenizer(stem, add_special_tokens=False).input_ids) > 1
     words = re.findall(r"[A-Za-z0-9]+", stem)
@@ -501,8 +502,8 @@ def test_file_name_rule_in_training_and_tools(fp16_run, concepts, tmp_path, toke
 def test_slerp_writes_a_folder_or_a_safetensors_file(concepts, tmp_path, capsys):
     a, b = concepts.sd, ConceptEmbedding("<b>", {"text_encoder": 0.4 * unit_rows(2, SD_DIM, 5)})
     pa, pb = (
-        dti_utils.write_diffusers(a, str(tmp_path / "a.safetensors"))[0],
-        dti_utils.write_diffusers(b, str(tmp_path / "b.safetensors"))[0],
+        dti_files.write_diffusers(a, str(tmp_path / "a.safetensors"))[0],
+        dti_files.write_diffusers(b, str(tmp_path / "b.safetensors"))[0],
     )
     assert (
         dti_concepts.main(["slerp", pa, pb, "--alpha", "0.3", "--token", "<mix>", "--output", str(tmp_path / "mix")])
@@ -529,9 +530,9 @@ def test_slerp_writes_a_folder_or_a_safetensors_file(concepts, tmp_path, capsys)
     # SDXL into a file: the clip_l/clip_g single file; several alphas need a folder
     sdxl_b = ConceptEmbedding(
         "<cat>",
-        {n: m * unit_rows(2, d, 7 + i) for i, (n, d, m) in enumerate(zip(dti_utils.ENCODERS, SDXL_DIMS, (0.4, 0.45)))},
+        {n: m * unit_rows(2, d, 7 + i) for i, (n, d, m) in enumerate(zip(dti_files.ENCODERS, SDXL_DIMS, (0.4, 0.45)))},
     )
-    x_a, x_b = _folder(tmp_path, concepts.sdxl), dti_utils.write_diffusers(sdxl_b, str(tmp_path / "x-b"))[0]
+    x_a, x_b = _folder(tmp_path, concepts.sdxl), dti_files.write_diffusers(sdxl_b, str(tmp_path / "x-b"))[0]
     out = dti_concepts.slerp_embeddings(
         x_a, os.path.dirname(x_b), [0.5], str(tmp_path / "dog-cat.safetensors"), token="<dog-cat>"
     )
@@ -636,24 +637,22 @@ def test_sdxl_card_from_the_training_run(fp16_run):
 
 
 def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
-    args = SimpleNamespace(
-        optimizer="rsgd",
-        pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        placeholder_token="<cat-toy>",
-        no_safe_serialization=False,
-        initializer_token="toy",
-        max_train_steps=400,
-        kappa=1e-4,
-        validation_prompt=None,
-        hub_token=None,
-    )
+    base = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     embeddings = [SimpleNamespace(name="text_encoder", norm=0.3871, tokens=["<cat-toy>"])]
-    FakeHub(
-        monkeypatch, tmp_path
-    )  # neither the base's card nor the repo's can be read: the license comes from the table
-    license = dti_cli.base_model_license(args.pretrained_model_name_or_path)
+    card = {
+        "base_model": base,
+        "token": "<cat-toy>",
+        "initializer_token": "toy",
+        "embeddings": embeddings,
+        "image_paths": [],
+        "steps": 400,
+        "kappa": 1e-4,
+    }
+    # neither the base's card nor the repo's can be read: the license comes from the table
+    FakeHub(monkeypatch, tmp_path)
+    license = dti_hub.base_model_license(base)
     assert license == {"license": "creativeml-openrail-m"}
-    text = open(dti_cli.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
+    text = open(dti_hub.write_model_card(str(tmp_path), "tester/cat", license=license, **card)).read()
     front, snippets = _front_and_snippets(text)
     assert front == {
         "license": "creativeml-openrail-m",
@@ -669,7 +668,7 @@ def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
 
     # a repository that already has a card keeps it; the tags it lacks are added once
     FakeHub(monkeypatch, tmp_path, cards={"tester/cat": "---\nlicense: mit\ntags:\n- diffusers\n---\n# My own card\n"})
-    text = open(dti_cli.write_model_card(str(tmp_path), "tester/cat", args, embeddings, [], license=license)).read()
+    text = open(dti_hub.write_model_card(str(tmp_path), "tester/cat", license=license, **card)).read()
     front, _ = _front_and_snippets(text)
     assert front["license"] == "mit" and "# My own card" in text and "load_textual_inversion" not in text
     assert front["tags"] == ["diffusers"] + [t.replace("-xl", "") for t in TAGS_SDXL if t != "diffusers"]

@@ -24,12 +24,13 @@ def readme_block(heading):
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
 
 
-def test_ci_runs_the_readme_install_and_test_commands():
+def test_ci_runs_the_readme_install_lint_and_test_commands():
     ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"))]
-    install, test = readme_block("Run the tests")
-    assert install in ci and test in ci
-    assert ci.index(install) < ci.index(test)
+    install, lint, test = readme_block("Run the tests")
+    assert install in ci and lint in ci and test in ci
+    assert ci.index(install) < ci.index(lint) < ci.index(test)
     assert "python3 -m venv .ci-venv" in ci
+    assert "ruff" in install.split() and lint == "ruff check . && ruff format --check ."
 
 
 def test_no_torchvision_anywhere():

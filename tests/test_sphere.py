@@ -21,7 +21,6 @@ from dti_utils import (
     projx,
     resolve_token_scale,
     resolve_tokens,
-    retr,
     slerp,
     vocabulary_norm_stats,
 )
@@ -76,12 +75,8 @@ def test_projx_gives_unit_rows_with_the_same_direction():
     norms = np.linalg.norm(r.double().numpy(), axis=-1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-6)
     np.testing.assert_allclose(r.double().numpy(), np_unit(x.double().numpy()), atol=1e-6)
-    # Projecting a unit row is (numerically) the identity; retr moves along a tangent vector and lands on the sphere.
+    # Projecting a unit row is (numerically) the identity.
     np.testing.assert_allclose(projx(r).numpy(), r.numpy(), atol=1e-7)
-    u = proju(r, torch.randn(16, 32, generator=g) * 0.1)
-    np.testing.assert_allclose(
-        retr(r, u).double().numpy(), np_unit(r.double().numpy() + u.double().numpy()), atol=1e-6
-    )
 
 
 def test_proju_is_orthogonal_and_matches_formula():
@@ -193,20 +188,19 @@ def test_rsgd_prior_alone_pulls_toward_mu():
     np.testing.assert_allclose(angles[0] - angles[-1], 5 * lr, atol=1e-4)
 
 
-def test_rsgd_set_prior_and_kappa_zero():
+def test_rsgd_a_preset_prior_and_kappa_zero():
     mu = random_unit(2, 16, seed=14)
     start = torch.from_numpy(rotate_toward(mu.numpy(), random_unit(2, 16, seed=15).numpy(), 0.3)).float()
     p = torch.nn.Parameter(start.clone())
     opt = RiemannianSGD([p], lr=0.02, kappa=1.0, beta=0.0)
-    opt.set_prior(p, mu * 2.5)  # any norm: stored as a direction
-    np.testing.assert_allclose(opt.state[p]["prior"].numpy(), mu.numpy(), atol=1e-6)
+    opt.state[p]["prior"] = mu.clone()  # a prior set before the first step is kept (else: the first direction)
     p.grad = torch.zeros_like(p)
     opt.step()
     np.testing.assert_allclose(angle(mu, p), 0.3 - 0.02, atol=1e-4)
     # kappa = 0 and no data gradient: nothing moves.
     q = torch.nn.Parameter(start.clone())
     opt0 = RiemannianSGD([q], lr=0.02, kappa=0.0)
-    opt0.set_prior(q, mu)
+    opt0.state[q]["prior"] = mu.clone()
     q.grad = torch.zeros_like(q)
     opt0.step()
     assert torch.equal(q.detach(), start)
@@ -219,7 +213,7 @@ def test_rsgd_matches_spec_reference_over_several_steps(beta, kappa):
     mu = random_unit(rows, dim, seed=21)
     p = torch.nn.Parameter(v0.clone())
     opt = RiemannianSGD([p], lr=lr, kappa=kappa, beta=beta)
-    opt.set_prior(p, mu)
+    opt.state[p]["prior"] = mu.clone()
     v, s = v0.double().numpy(), np.zeros((rows, 1))
     gen = torch.Generator().manual_seed(22)
     for t in range(1, 6):

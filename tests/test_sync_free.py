@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import torch
 
-from dti_utils import HostSyncRecorder as SyncRecorder
-from dti_utils import RiemannianSGD, TrainingData, guard_nonfinite_step, projx
+from dti_data import TrainingData
+from dti_graphs import HostSyncRecorder as SyncRecorder
+from dti_training import guard_nonfinite_step
+from dti_utils import RiemannianSGD, projx
 
 
 def test_recorder_sees_the_syncs_it_is_meant_to_catch():

@@ -19,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+import dti_data
 import dti_utils
 import train_directional_textual_inversion_sdxl as sdxl
 
-# conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
 from conftest import REPO_ROOT, StepRecorder, angle, read_embeds, sd_argv, subprocess_env
+
+# conftest.py (loaded first) sets the offline environment and puts the repo root and tools/ on sys.path.
+from conftest import run_inprocess as run_script_inprocess
 
 
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
@@ -64,7 +67,7 @@ def sdxl_argv(pipeline, data, out, *extra, steps=4):
 
 def run_inprocess(argv, callback=None):
     """sdxl.main(sdxl.parse_args(argv)) in this process; returns main's result (step, embeddings, optimizer, data)."""
-    return sdxl.main(sdxl.parse_args([str(a) for a in argv]), callback)
+    return run_script_inprocess(argv, callback, module=sdxl)
 
 
 def token_embedding(pipeline_dir, subfolder):
@@ -490,7 +493,7 @@ def test_every_cached_view_is_its_crop_or_mirrored_crop_with_matching_time_ids(t
             for flip, view_image, time_left in ((0, crop, left), (1, ImageOps.mirror(crop), free - left)):
                 v = int(data.view_index[i, flip, c])
                 with torch.no_grad():
-                    want = vae.encode(dti_utils.image_to_tensor(view_image)[None]).latent_dist.mean[0]
+                    want = vae.encode(dti_data.image_to_tensor(view_image)[None]).latent_dist.mean[0]
                 torch.testing.assert_close(data.latent_means[v], want, rtol=1e-5, atol=1e-5)
                 assert data.extra["time_ids"][v].tolist() == [h, w, 0, time_left, RES, RES]
 
@@ -664,7 +667,7 @@ def _resized_images(image_dir):
 
     names = sorted(n for n in os.listdir(image_dir) if n.endswith(".png"))
     images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in names]
-    return images, [dti_utils.resized_shorter_side(im, RES) for im in images]
+    return images, [dti_data.resized_shorter_side(im, RES) for im in images]
 
 
 def _crop(image, corner):
@@ -675,9 +678,7 @@ def _crop(image, corner):
 def test_center_crop_gives_one_view_per_image(sdxl_images):
     _, resized = _resized_images(sdxl_images)
     assert [im.size for im in resized] == [(round(w * RES / h), RES) for w, h in IMAGE_SIZES]
-    keys, view_index = dti_utils.build_views(
-        resized, lambda im: dti_utils.crop_positions(im, RES, True, 8), flip=False
-    )
+    keys, view_index = dti_data.build_views(resized, lambda im: dti_data.crop_positions(im, RES, True, 8), flip=False)
     assert len(keys) == 4 and tuple(view_index.shape) == (4, 1, 1)
     for i, (im, (_, _, (top, left))) in enumerate(zip(resized, keys)):
         assert (top, left) == (0, (im.width - RES) // 2)
@@ -688,14 +689,14 @@ def test_default_random_crop_gives_distinct_positions(sdxl_images, positions):
     _, resized = _resized_images(sdxl_images)
     # the crop helper: `positions` evenly spaced corners along the long side, ends included
     big = resized[3]  # 44 x 32: 12 free pixels, room for 8 distinct positions
-    corners = dti_utils.crop_positions(big, RES, False, positions)
+    corners = dti_data.crop_positions(big, RES, False, positions)
     assert len(corners) == positions == len(set(corners))
     assert corners[0] == (0, 0) and corners[-1] == (0, big.width - RES)
     assert all(t == 0 and 0 <= left <= big.width - RES for t, left in corners)
-    assert dti_utils.crop_positions(resized[0], RES, False, positions) == [(0, 0)]  # square: one view
+    assert dti_data.crop_positions(resized[0], RES, False, positions) == [(0, 0)]  # square: one view
 
-    keys, view_index = dti_utils.build_views(
-        resized, lambda im: dti_utils.crop_positions(im, RES, False, positions), flip=False
+    keys, view_index = dti_data.build_views(
+        resized, lambda im: dti_data.crop_positions(im, RES, False, positions), flip=False
     )
     expected = expected_views(sdxl_images, positions=positions)
     sizes = [(h, w) for w, h in IMAGE_SIZES]

@@ -30,9 +30,7 @@ def tiny_clip_tokenizer(model_max_length=77):
     from transformers import CLIPTokenizer
 
     # The printable characters of byte-level BPE: CLIP's pre-tokenizer maps every byte to one of these.
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
     chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     vocab_list = chars + [c + "</w>" for c in chars]
     merges = []
