@@ -9,6 +9,7 @@ import argparse
 import glob
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -17,6 +18,7 @@ import traceback
 
 import numpy as np
 
+from dti_hub import check_hub_files
 from dti_metrics import encoder_ids
 from dti_utils import DTIError, logger, resolve_token_scale
 
@@ -30,8 +32,12 @@ __all__ = [
     "SCRIPTS",
     "model_family",
     "check_model",
+    "load_tokenizer",
+    "check_variant",
     "model_resolution",
+    "earlier_run_outputs",
     "prepare_output_dir",
+    "check_data_and_output",
     # flags
     "finite_float",
     "positive_int",
@@ -132,6 +138,14 @@ def check_model(model, family=None, revision=None, cache_dir=None, flag="--pretr
             f"{flag} is not a folder; pass a diffusers pipeline folder or a Hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5."
         )
+    check_hub_files(
+        model,
+        flag=flag,
+        filename="model_index.json",
+        what="a diffusers pipeline",
+        revision=revision,
+        cache_dir=cache_dir,
+    )
     try:
         index = DiffusionPipeline.load_config(model, revision=revision, cache_dir=cache_dir)
     except OSError as e:
@@ -155,6 +169,51 @@ def check_model(model, family=None, revision=None, cache_dir=None, flag="--pretr
     return index
 
 
+def load_tokenizer(cls, name_or_path, *, flag, subfolder=None, revision=None, cache_dir=None):
+    """A tokenizer, or one sentence naming the flag: a path that does not exist, a Hub id neither cached nor
+    reachable, or a folder without tokenizer files."""
+    if not os.path.exists(name_or_path) and name_or_path.startswith((".", "/", "~")):
+        raise DTIError(f"{flag} {name_or_path} does not exist; pass a tokenizer folder or a Hub id.")
+    folder = os.path.join(name_or_path, subfolder or "")
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        # transformers would build an empty tokenizer from such a folder, which reads every word as <|endoftext|>
+        raise DTIError(
+            f"{flag} {name_or_path}: {folder} holds no tokenizer files ({', '.join(names[:3])}); pass the folder "
+            "that holds them, or a Hub id."
+        )
+    check_hub_files(
+        name_or_path,
+        flag=flag,
+        filename=f"{subfolder}/tokenizer_config.json" if subfolder else "tokenizer_config.json",
+        what="a tokenizer",
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    try:
+        return cls.from_pretrained(name_or_path, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise DTIError(
+            f"{flag} {name_or_path}: no tokenizer could be loaded from it ({type(e).__name__}); pass a tokenizer "
+            "folder or a Hub id."
+        ) from e
+
+
+def check_variant(model, variant, subfolders):
+    """--variant names weight files that exist in a local pipeline folder (e.g. diffusion_pytorch_model.fp16.
+    safetensors in unet/): one sentence otherwise, before anything loads. Hub ids are checked by diffusers."""
+    if variant is None or not os.path.isdir(model):
+        return
+    for sub in subfolders:
+        folder = os.path.join(model, sub)
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        if not any(f".{variant}." in name for name in names):
+            raise DTIError(
+                f"--variant {variant}: {folder} has no {variant} weight files (such as "
+                f"diffusion_pytorch_model.{variant}.safetensors); drop --variant to load the model's own weights."
+            )
+
+
 def model_resolution(model, revision=None, cache_dir=None):
     """The model's native resolution, unet sample_size x the VAE's 2 ** (len(block_out_channels) - 1): 512 for SD
     1.5, 768 for SD 2.x 768-v. Read from the two config files alone (diffusers' load_config), before any weights
@@ -172,9 +231,21 @@ def model_resolution(model, revision=None, cache_dir=None):
         ) from e
 
 
-def prepare_output_dir(output_dir, resuming):
-    """--output_dir is a folder that can be created and written (a real probe file), stale temporary files of a
-    killed run are removed, and a previous run's embedding that this run would replace is named."""
+def earlier_run_outputs(output_dir):
+    """What an earlier training run left in output_dir: its checkpoint-N folders and learned_embeds* files."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    checkpoints = [n for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+    embeddings = [n for n in names if n.startswith("learned_embeds") and n.endswith((".safetensors", ".bin"))]
+    return checkpoints + embeddings
+
+
+def prepare_output_dir(output_dir, *, resuming, overwrite=False):
+    """--output_dir is a folder that can be created and written (a real probe file), and it belongs to this run:
+    an earlier run's checkpoints and embeddings are refused (a fresh run would replace them, and prune or later resume
+    the wrong checkpoints) unless this run resumes it or `overwrite` removes them. Stale temporary files of a killed
+    run are removed."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise DTIError(f"--output_dir {output_dir} is a file; pass a folder.")
     try:
@@ -187,12 +258,32 @@ def prepare_output_dir(output_dir, resuming):
         raise DTIError(
             f"--output_dir {output_dir} cannot be written ({e.strerror or e}); choose a folder you can write to."
         ) from e
+    earlier = [] if resuming else earlier_run_outputs(output_dir)
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise DTIError(
+            f"--output_dir {output_dir} holds an earlier run's outputs ({shown}); continue that run with "
+            "--resume_from_checkpoint latest, keep it and choose another --output_dir, or pass --overwrite_output_dir "
+            "to replace it."
+        )
+    for name in earlier:  # --overwrite_output_dir: this run's checkpoints are then the only ones to prune or resume
+        logger.info(f"--overwrite_output_dir: removing {os.path.join(output_dir, name)} of the earlier run")
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     for stale in glob.glob(os.path.join(glob.escape(output_dir), ".tmp-*")):
         shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
-    if not resuming and os.path.exists(os.path.join(output_dir, "learned_embeds.safetensors")):
-        logger.warning(
-            f"{output_dir} already holds a learned_embeds.safetensors from an earlier run; this run replaces it (pass "
-            "another --output_dir to keep it, or --resume_from_checkpoint latest to continue it)."
+
+
+def check_data_and_output(train_data_dir, output_dir):
+    """The output folder may not be the data folder or lie inside it: the run's own files (validation images,
+    curves) would become training images the next time."""
+    if not train_data_dir:
+        return
+    data, out = os.path.realpath(train_data_dir), os.path.realpath(output_dir)
+    if out == data or out.startswith(data + os.sep):
+        raise DTIError(
+            f"--output_dir {output_dir} is {'' if out == data else 'inside '}the --train_data_dir {train_data_dir}; "
+            "the run's images would be trained on next time: choose an --output_dir outside it."
         )
 
 
@@ -222,12 +313,14 @@ def _bounded(kind, low=None, high=None, high_open=False):
 
 
 positive_int = _bounded(int, 1)
+MAX_RESOLUTION = 16384  # SANA's 4K models train at 4096; no model is trained beyond 16384 px
 probability = _bounded(finite_float, 0.0, 1.0)
 non_negative = _bounded(finite_float, 0.0)
 unit_interval_open = _bounded(finite_float, 0.0, 1.0, high_open=True)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
 DEFAULT_LEARNING_RATES = {"rsgd": 0.01, "adamw": 5e-4}  # rsgd: radians per step before --scale_lr
+MAX_LEARNING_RATE = 1.0  # rsgd: a radian a step before batch scaling; adamw: a step of the embedding's whole norm
 
 
 def _add_method_args(parser):
@@ -345,7 +438,7 @@ def _add_data_args(parser, default_resolution, default_flip_p):
     )
     data.add_argument(
         "--resolution",
-        type=positive_int,
+        type=_bounded(int, 8, MAX_RESOLUTION),
         default=default_resolution,
         help="Training resolution in pixels (divisible by 8). Default: " + default,
     )
@@ -361,7 +454,7 @@ def _add_data_args(parser, default_resolution, default_flip_p):
     data.add_argument("--flip_p", type=probability, default=default_flip_p, help="Probability of a horizontal flip.")
     data.add_argument(
         "--dataloader_num_workers",
-        type=int,
+        type=_bounded(int, 0),
         default=0,
         help="Threads that resize the images at start-up (the loop reads cached latents).",
     )
@@ -392,7 +485,7 @@ def _add_training_loop_args(parser):
     )
     train.add_argument(
         "--seed",
-        type=int,
+        type=_bounded(int, 0, 2**32 - 1),
         default=None,
         help="Seed for data order, noise and validation (drawn and logged if unset; stored for resume).",
     )
@@ -466,6 +559,12 @@ def _add_saving_args(parser):
         "--output_dir", default="text-inversion-model", help="Where embeddings, images, logs and checkpoints go."
     )
     save.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds an earlier run's checkpoints and embeddings, removing "
+        "them (without it such a folder is refused; --resume_from_checkpoint continues the earlier run instead).",
+    )
+    save.add_argument(
         "--save_steps", type=positive_int, default=500, help="Write learned_embeds-steps-N every N steps."
     )
     save.add_argument(
@@ -503,6 +602,13 @@ def _add_logging_and_hub_args(parser):
         type=positive_int,
         default=100,
         help="Validate every N steps (and always at the end).",
+    )
+    log.add_argument(
+        "--validation_epochs",
+        type=positive_int,
+        default=None,
+        help="diffusers' older flag, deprecated there: validate every N epochs; turned into --validation_steps (N x "
+        "the steps of an epoch) with a warning.",
     )
     log.add_argument(
         "--num_validation_inference_steps",
@@ -551,27 +657,68 @@ def add_training_args(parser, *, default_model, default_resolution, default_flip
     return parser
 
 
+def _available(module):
+    def check():
+        import importlib.util
+
+        return importlib.util.find_spec(module) is not None
+
+    return check
+
+
+TRACKERS = {  # accelerate's trackers and the package each needs
+    "tensorboard": _available("tensorboard"),
+    "wandb": _available("wandb"),
+    "comet_ml": _available("comet_ml"),
+    "mlflow": _available("mlflow"),
+}
+
+
+def check_memory_for_resolution(resolution):
+    """Refuse a resolution whose views would not fit in this machine's memory: each image is resized to it (8-bit
+    RGB, up to twice as long as it is wide) and encoded four views at a time as float32 tensors: about 64 bytes a
+    pixel of the square view, before the VAE's own activations."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no figure to compare with
+        return
+    needed = 64 * resolution * resolution
+    if needed > memory:
+        largest = int((memory / 64) ** 0.5) // 8 * 8
+        raise DTIError(
+            f"--resolution {resolution} needs about {needed / 2**30:.0f} GiB of memory for its image views, and this "
+            f"machine has {memory / 2**30:.0f} GiB; use at most {largest} (the models train at 512 to 1024)."
+        )
+
+
 def check_args(args):
     """Checks between flags that need no model: one clear sentence per problem, before anything heavy loads. Reads
     the flags only."""
-    from diffusers.utils import is_wandb_available, is_xformers_available
+    from diffusers.utils import is_xformers_available
 
     if args.resolution is not None and args.resolution % 8:
         raise DTIError(
             f"--resolution {args.resolution} is not a multiple of 8; the VAE downsamples by 8 (try 512 or 768)."
         )
+    if args.resolution is not None:
+        check_memory_for_resolution(args.resolution)
     resolve_token_scale(args.token_scale, {"mean": 1.0, "min": 1.0, "max": math.inf})
     if args.train_data_dir is None and args.dataset_name is None:
         raise DTIError("No training images: pass --train_data_dir FOLDER or --dataset_name.")
     if args.train_data_dir is not None and args.dataset_name is not None:
         raise DTIError("Pass either --train_data_dir or --dataset_name, not both.")
+    check_data_and_output(args.train_data_dir, args.output_dir)
     if args.caption_column and not args.dataset_name:
         raise DTIError(
             "--caption_column goes with --dataset_name; in a --train_data_dir folder the caption of NAME.jpg is "
             "NAME.txt beside it."
         )
-    if args.report_to in ("wandb", "all") and not is_wandb_available():
-        raise DTIError("--report_to wandb needs wandb: pip install wandb, or use --report_to tensorboard.")
+    for tracker, available in TRACKERS.items():
+        if args.report_to in (tracker, "all") and not available():
+            raise DTIError(
+                f"--report_to {tracker} needs the {tracker} package: pip install {tracker.replace('_', '-')}, or use "
+                "--report_to tensorboard (installed with requirements.txt) or none."
+            )
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise DTIError(
             "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers, or drop the flag "
@@ -598,4 +745,11 @@ def check_args(args):
         encoder_ids(args.evaluation_models)
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise DTIError(f"--learning_rate must be positive, not {args.learning_rate}.")
+    if args.learning_rate is not None and args.learning_rate > MAX_LEARNING_RATE:
+        unit = "radians a step for rsgd" if args.optimizer == "rsgd" else "for adamw, on rows of norm about 0.4"
+        raise DTIError(
+            f"--learning_rate {args.learning_rate:g} is far beyond any useful rate ({unit}), and overflows the "
+            f"embedding; use at most {MAX_LEARNING_RATE:g} (the defaults: rsgd {DEFAULT_LEARNING_RATES['rsgd']:g}, "
+            f"adamw {DEFAULT_LEARNING_RATES['adamw']:g})."
+        )
     return args

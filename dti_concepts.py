@@ -21,6 +21,7 @@ import warnings
 import torch
 from PIL import Image
 
+from dti_cli import check_model
 from dti_files import (
     CONVERT_TARGETS,
     EMBEDDING_EXTENSIONS,
@@ -29,6 +30,8 @@ from dti_files import (
     ConceptEmbedding,
     atomic_write,
     base_vocabulary,
+    check_targets,
+    diffusers_paths,
     embedding_slug,
     read_concept,
     stated_norm,
@@ -88,33 +91,22 @@ def _check_file_name(output):
 
 def convert_embedding(path, to, output, overwrite=False):
     """Read EMB in any form and write it as `to`; tensors are copied bit for bit. Returns the paths written.
-    OUTPUT is a file (.safetensors, .pt, .bin) or, without an extension, a folder; existing embedding files are
-    replaced only with overwrite."""
-    _check_output(output, overwrite)
+    OUTPUT is a file (.safetensors, .pt, .bin) or, without an extension, a folder (a UI's embeddings folder is added
+    to); a file that exists is replaced only with overwrite, and the input never."""
+    _check_output_type(output)
+    concept = read_concept(path)
     if to != "diffusers":
         _check_file_name(output)
-    return write_concept(read_concept(path), output, to)
+    return write_concept(concept, output, to, overwrite=overwrite, inputs=concept.files)
 
 
-def _check_output(output, overwrite):
-    """--output is a file of an embedding type or a folder, and holds no embedding files unless overwrite."""
+def _check_output_type(output):
+    """--output is a file of an embedding type or a folder."""
     extension = os.path.splitext(output.rstrip("/"))[1]
     if extension and extension.lower() not in EMBEDDING_EXTENSIONS and not os.path.isdir(output):
         raise DTIError(
             f"--output {output}: {extension} is no embedding file type; use .safetensors or .pt (or a folder name "
             "without an extension)."
-        )
-    existing = (
-        [output]
-        if os.path.isfile(output)
-        else [os.path.join(output, n) for n in sorted(os.listdir(output)) if n.lower().endswith(EMBEDDING_EXTENSIONS)]
-        if os.path.isdir(output)
-        else []
-    )
-    if existing and not overwrite:
-        raise DTIError(
-            f"--output {output} already holds {', '.join(os.path.basename(e) for e in existing[:3])}; pass "
-            "--overwrite to replace it, or choose another --output."
         )
 
 
@@ -213,13 +205,23 @@ def _alpha_folder(output, alpha):
 
 
 def slerp_embeddings(
-    a_path, b_path, alphas=(0.5,), output="slerp", token=None, render=None, prompt="a photo of {}", seed=0, steps=30
+    a_path,
+    b_path,
+    alphas=(0.5,),
+    output="slerp",
+    token=None,
+    render=None,
+    prompt="a photo of {}",
+    seed=0,
+    steps=30,
+    overwrite=False,
 ):
     """Blend two embeddings (files or training folders, SD or SDXL) at each alpha and write training-style folders:
     OUTPUT itself for one alpha, OUTPUT/alpha-A for several; with render=MODEL, also OUTPUT/interpolation.png. An
     OUTPUT ending in .safetensors/.pt/.bin is one file instead (one alpha), the form every UI reads
     (write_single_file); its strip is OUTPUT-interpolation.png. Returns {"outputs": [folder or file per alpha],
-    "alphas": [...], "strip": path or None}."""
+    "alphas": [...], "strip": path or None}. Nothing is written over an existing file unless overwrite, nor ever
+    over an input; a --render that cannot work is refused before anything is written."""
     to_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
     alphas = list(dict.fromkeys(float(x) for x in alphas))
     if not alphas:
@@ -232,8 +234,12 @@ def slerp_embeddings(
     for alpha in alphas:
         if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
             raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
-    if render is not None and "{}" not in prompt:
-        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    if render is not None:
+        if "{}" not in prompt:
+            raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+        if steps < 1:
+            raise DTIError(f"--steps must be at least 1, not {steps}.")
+        check_model(render, flag="--render")
     a, b = read_concept(a_path), read_concept(b_path)
     if token is None:
         token = f"<{embedding_slug(a.token)}-{embedding_slug(b.token)}>"
@@ -241,24 +247,26 @@ def slerp_embeddings(
     check_slerp_pair(a, b)
     if to_file:
         _check_file_name(output)
+    blends = [
+        (slerp_concepts(a, b, alpha, token), output if len(alphas) == 1 else _alpha_folder(output, alpha))
+        for alpha in alphas
+    ]
+    strip_path = (
+        os.path.splitext(output)[0] + "-interpolation.png" if to_file else os.path.join(output, "interpolation.png")
+    )
+    targets = [p for blend, target in blends for p in ([target] if to_file else diffusers_paths(blend, target, True))]
+    check_targets(
+        targets + ([strip_path] if render is not None else []), overwrite=overwrite, inputs=a.files + b.files
+    )
     outputs = []
-    for alpha in alphas:
-        blend, target = (
-            slerp_concepts(a, b, alpha, token),
-            output if len(alphas) == 1 else _alpha_folder(output, alpha),
-        )
+    for blend, target in blends:
         if to_file:
-            write_single_file(blend, target)
+            write_single_file(blend, target, overwrite=overwrite)
         else:
-            write_diffusers(blend, target, single_file=True)
+            write_diffusers(blend, target, single_file=True, overwrite=overwrite)
         outputs.append(target)
     strip = None
     if render is not None:
-        strip_path = (
-            os.path.splitext(output)[0] + "-interpolation.png"
-            if to_file
-            else os.path.join(output, "interpolation.png")
-        )
         strip = render_interpolation(
             render, outputs, alphas, prompt, seed=seed, steps=steps, output_path=strip_path, token=token
         )
@@ -539,20 +547,24 @@ def rescale_concept(concept, model, to="mean"):
 
 def rescale_embedding(path, model, to, output, overwrite=False):
     """Read EMB in any form, rescale it (rescale_concept) and write it in the same form: a folder or a file at OUTPUT
-    (existing embedding files there are replaced only with overwrite, never the input). Returns the paths written."""
+    (a file that exists is replaced only with overwrite, the input never). Returns the paths written."""
     if os.path.abspath(output) == os.path.abspath(path):
         raise DTIError(f"--output {output} is the input; choose another name so that the original embedding is kept.")
-    _check_output(output, overwrite)
-    concept = rescale_concept(read_concept(path), model, to)
+    _check_output_type(output)
+    original = read_concept(path)
     is_file = output.lower().endswith(EMBEDDING_EXTENSIONS)
-    if concept.form in ("a1111", "sdxl-single-file") or (is_file and concept.sdxl):
-        ext = os.path.splitext(path)[1] if concept.form in ("a1111", "sdxl-single-file") else ".safetensors"
-        return [
-            write_single_file(
-                concept, output if is_file else os.path.join(output, embedding_slug(concept.token) + ext)
-            )
-        ]
-    return write_diffusers(concept, output, single_file=concept.form == "diffusers-folder")
+    single = original.form in ("a1111", "sdxl-single-file") or (is_file and original.sdxl)
+    if single:
+        ext = os.path.splitext(path)[1] if original.form in ("a1111", "sdxl-single-file") else ".safetensors"
+        paths = [output if is_file else os.path.join(output, embedding_slug(original.token) + ext)]
+    else:
+        paths = diffusers_paths(original, output, single_file=original.form == "diffusers-folder")
+    check_targets(paths, overwrite=overwrite, inputs=original.files)  # before the model's vocabulary loads
+    concept = rescale_concept(original, model, to)
+    if single:
+        return [write_single_file(concept, paths[0], overwrite=overwrite, inputs=original.files)]
+    single_file = original.form == "diffusers-folder"
+    return write_diffusers(concept, output, single_file=single_file, overwrite=overwrite, inputs=original.files)
 
 
 def build_concept_parser():
@@ -601,6 +613,9 @@ def build_concept_parser():
     )
     p.add_argument("--seed", type=int, default=0, help="Seed for --render, the same for every alpha. Default 0.")
     p.add_argument("--steps", type=int, default=30, help="Inference steps for --render. Default 30.")
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace files that already exist at --output (never the inputs)."
+    )
 
     p = sub.add_parser(
         "inspect",
@@ -630,7 +645,9 @@ def build_concept_parser():
     p.add_argument("emb", metavar="EMB", help="Embedding file or training output folder.")
     p.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="Target form.")
     p.add_argument("--output", required=True, help="Output file (.safetensors, .pt or .bin) or folder.")
-    p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace files that already exist at --output (never the input)."
+    )
 
     p = sub.add_parser(
         "rescale",
@@ -649,7 +666,9 @@ def build_concept_parser():
     p.add_argument(
         "--output", required=True, help="Output folder, or file (.safetensors, or .pt for an AUTOMATIC1111 .pt input)."
     )
-    p.add_argument("--overwrite", action="store_true", help="Replace embedding files that already exist at --output.")
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace files that already exist at --output (never the input)."
+    )
     return parser
 
 
@@ -675,6 +694,7 @@ def main(argv=None):
                     prompt=args.prompt,
                     seed=args.seed,
                     steps=args.steps,
+                    overwrite=args.overwrite,
                 )
                 for alpha, path in zip(result["alphas"], result["outputs"]):
                     print(f"alpha {alpha:g}: {path}")

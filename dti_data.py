@@ -6,6 +6,7 @@ then draws from device tensors only: `TrainingData.batch` indexes the cached lat
 comes from a generator seeded by (seed, step, rank), so the data position is the step count and a resume is exact.
 """
 
+import copy
 import math
 import os
 import re
@@ -32,6 +33,8 @@ __all__ = [
     "prompt_templates",
     "tokenize_prompts",
     "caption_prompt",
+    "prompt_texts",
+    "check_prompts",
     "training_prompts",
     # views and latents
     "image_to_tensor",
@@ -53,7 +56,6 @@ __all__ = [
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_IMAGE_PIXELS = 16384 * 16384  # Pillow's bomb check refuses beyond 2 x its 89 MP default; real photos fit here
 
 
 class TrainingImage:
@@ -124,16 +126,13 @@ def _dataset_images(dataset_name, dataset_config_name, image_column, caption_col
 def _open_image(path):
     try:
         with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DTIError(
-                    f"Image {path} is {image.width}x{image.height} pixels, too large to decode safely; resize it "
-                    "below 16384x16384."
-                )
             return to_rgb(image, path)
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError as e:  # Pillow refuses more than twice its MAX_IMAGE_PIXELS
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(size.group(1)) / 1e6:.0f} megapixels" if size else "more pixels than that"
         raise DTIError(
-            f"Image {path} is too large to decode safely (Pillow's decompression-bomb limit); resize it below "
-            "16384x16384."
+            f"Image {path} has {pixels}; Pillow decodes at most {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+            "safely: resize it (a side of 4096 pixels is plenty for training)."
         ) from e
     except (UnidentifiedImageError, OSError) as e:
         raise DTIError(f"Image {path} cannot be read ({e}); remove or replace it.") from e
@@ -141,7 +140,7 @@ def _open_image(path):
 
 def _read_caption(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a prompt word
             return " ".join(f.read().split()) or None
     except (OSError, UnicodeDecodeError) as e:
         raise DTIError(f"Caption {path} cannot be read as UTF-8 text ({e}); fix or remove it.") from e
@@ -150,11 +149,19 @@ def _read_caption(path):
 def _folder_images(train_data_dir):
     if not os.path.isdir(train_data_dir):
         raise DTIError(f"--train_data_dir {train_data_dir} is not a folder; pass the folder that holds your images.")
-    names = sorted(
-        n
-        for n in os.listdir(train_data_dir)
-        if not n.startswith(".") and os.path.isfile(os.path.join(train_data_dir, n))
-    )
+    entries = sorted(os.listdir(train_data_dir))
+    hidden = [n for n in entries if n.startswith(".")]
+    folders = [n for n in entries if not n.startswith(".") and os.path.isdir(os.path.join(train_data_dir, n))]
+    names = [n for n in entries if n not in hidden and n not in folders]
+    if folders:
+        logger.warning(
+            f"Skipping {len(folders)} subfolder(s) of {train_data_dir}: {', '.join(f + '/' for f in folders)} (only "
+            "the images at its top level are read, as in diffusers' example; move them up to train on them)"
+        )
+    if hidden:
+        logger.warning(
+            f"Skipping {len(hidden)} hidden file(s) in {train_data_dir} (names starting with '.', such as {hidden[0]})"
+        )
     image_names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     caption_files = {os.path.splitext(n)[0] + ".txt" for n in image_names} & set(names)  # NAME.txt beside NAME.jpg
     skipped = [n for n in names if n not in image_names and n not in caption_files]
@@ -288,17 +295,45 @@ def caption_prompt(caption, placeholder, caption_token=None):
     return f"{placeholder}, {caption}"
 
 
-def training_prompts(tokenizers, images, tokens, *, learnable_property, device, caption_token=None):
-    """Every prompt, tokenized once per tokenizer: the templates, then one row per captioned image. Returns
-    (prompt_ids, caption_rows): caption_rows[i] is image i's row, or -1 where it has no caption (it uses the
-    templates)."""
+def prompt_texts(images, tokens, *, learnable_property, caption_token=None):
+    """Every training prompt as text: the templates with the placeholder (all its tokens), then one per captioned
+    image. Returns (prompts, caption_rows): caption_rows[i] is image i's prompt, or -1 where it has no caption."""
     placeholder = " ".join(tokens)
     prompts = [template.format(placeholder) for template in prompt_templates(learnable_property)]
     rows = []
     for image in images:
         rows.append(len(prompts) if image.caption else -1)
         prompts += [caption_prompt(image.caption, placeholder, caption_token)] if image.caption else []
-    captioned = [im for im, row in zip(images, rows) if row >= 0]
+    return prompts, rows
+
+
+def check_prompts(tokenizers, images, tokens, *, learnable_property, caption_token=None):
+    """Before any model loads: every prompt must keep all the placeholder's tokens within the text encoder's context
+    (the templates bound --num_vectors; a caption that puts the placeholder past the cut is named). A caption cut
+    after the placeholder gets one warning; images without a caption while others have one, too."""
+    prompts, rows = prompt_texts(images, tokens, learnable_property=learnable_property, caption_token=caption_token)
+    for tokenizer in tokenizers:
+        probe = copy.deepcopy(tokenizer)  # the tokens added to a copy: the real tokenizer stays as it was
+        probe.add_tokens([t for t in tokens if t not in probe.get_vocab()])
+        ids, limit = set(probe.convert_tokens_to_ids(tokens)), probe.model_max_length
+        longest = max(len(probe(t.format(""), verbose=False).input_ids) for t in prompt_templates(learnable_property))
+        if longest + len(tokens) > limit:
+            raise DTIError(
+                f"--num_vectors {len(tokens)}: the {learnable_property} templates with {len(tokens)} placeholder "
+                f"tokens run to {longest + len(tokens)} tokens, past the text encoder's {limit}, and the vectors "
+                f"past the cut would never train; use at most {limit - longest} vectors."
+            )
+        for image, row in zip(images, rows):
+            if row < 0:
+                continue
+            positions = [k for k, i in enumerate(probe(prompts[row], verbose=False).input_ids) if i in ids]
+            if positions and positions[-1] >= limit - 1:  # the last position is the end-of-text token
+                raise DTIError(
+                    f"The caption of {image.name} puts the placeholder at token {positions[-1] + 1}, past the text "
+                    f"encoder's {limit} tokens, where it is cut off: the image would train without it. Shorten the "
+                    "caption or write the placeholder ({} or the --caption_token word) nearer its start."
+                )
+    captioned = [row for row in rows if row >= 0]
     if 0 < len(captioned) < len(images):
         logger.warning(
             f"{len(captioned)} of {len(images)} images have a caption; the other {len(images) - len(captioned)} use "
@@ -314,6 +349,12 @@ def training_prompts(tokenizers, images, tokens, *, learnable_property, device, 
             f"{len(cut)} caption(s) run past the text encoder's {tokenizers[0].model_max_length} tokens and are cut "
             f"there: {', '.join(cut)}"
         )
+
+
+def training_prompts(tokenizers, images, tokens, *, learnable_property, device, caption_token=None):
+    """Every prompt (prompt_texts), tokenized once per tokenizer (check_prompts has checked them). Returns
+    (prompt_ids, caption_rows)."""
+    prompts, rows = prompt_texts(images, tokens, learnable_property=learnable_property, caption_token=caption_token)
     return tokenize_prompts(tokenizers, prompts, device), torch.tensor(rows, dtype=torch.long)
 
 

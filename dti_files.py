@@ -27,10 +27,15 @@ __all__ = [
     "EMBEDDING_EXTENSIONS",
     "CONVERT_TARGETS",
     "ConceptEmbedding",
+    "WriteError",
+    "write_failure_types",
     "atomic_write",
     "write_text",
     "save_embedding_file",
     "embedding_slug",
+    "check_targets",
+    "diffusers_paths",
+    "concept_paths",
     "write_single_file",
     "write_diffusers",
     "write_concept",
@@ -55,11 +60,12 @@ class ConceptEmbedding:
     metadata: {encoder name: {str: str}} as stored in the files. form: "diffusers", "diffusers-folder", "a1111",
     "sdxl-single-file" (or "checkpoint" for evaluate_dti's checkpoint-N folders)."""
 
-    def __init__(self, token, vectors, metadata=None, source=None, form=None):
+    def __init__(self, token, vectors, metadata=None, source=None, form=None, files=()):
         self.token = token
         self.vectors = {name: vectors[name] for name in ENCODERS if name in vectors}
         self.metadata = {name: dict((metadata or {}).get(name, {})) for name in self.vectors}
         self.source, self.form = source, form
+        self.files = tuple(files)  # the files it was read from: a writer never writes over them
 
     @property
     def sdxl(self):
@@ -83,23 +89,44 @@ class ConceptEmbedding:
 # ----------------------------------------------------------------------------------------------------
 
 
+class WriteError(DTIError):
+    """A file could not be written (full disk, no permission, a folder in the way): the previous file is intact."""
+
+
+def write_failure_types():
+    """What a failed write raises, whoever writes: the OS (OSError: full disk, permissions), safetensors
+    (SafetensorError), torch.save (RuntimeError from its zip writer), PIL and matplotlib (OSError, ValueError)."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, ValueError, SafetensorError)
+
+
+def why(error):
+    """The reason of a failed write in a few words: 'No space left on device', not a traceback."""
+    text = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1:] or [type(error).__name__]
+    return text if isinstance(text, str) else text[0]
+
+
 def atomic_write(path, write):
     """Call write(tmp) on a temporary file in the same folder, then rename it to path: readers never see half a
-    file, and a failed write leaves the previous file as it was."""
+    file, and a failed write leaves the previous file as it was. Every way a write fails (write_failure_types)
+    becomes a WriteError naming the file and the reason."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
         write(tmp)
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except write_failure_types() as e:
+        raise WriteError(f"Could not write {path} ({why(e)}); the previous file, if any, is unchanged.") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
     return path
 
 
@@ -130,13 +157,21 @@ def save_embedding_file(path, tensors, metadata=None):
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+RESERVED_STEMS = ("learned_embeds", "learned_embeds_2", "training_curves", "model_index", "README")
+
+
 def embedding_slug(token, file_stem=False):
     """'<cat-toy>' -> 'cat-toy'. file_stem=True: the single file's stem, which AUTOMATIC1111 and kohya make the prompt
     word (ComfyUI: `embedding:STEM`). A1111 swaps the embedding in wherever the stem's tokens occur, so the stem keeps
     a '-', '_' or '.' inside, which CLIP's tokenizer splits off: it is never one vocabulary word ('<toy>' -> 'toy-ti',
-    not 'toy')."""
+    not 'toy'); nor is it the name of another training output ('<learned_embeds_2>' -> 'learned_embeds_2-ti')."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "", token or "").strip("._-") or "embedding"
-    return slug if not file_stem or re.search(r"[._-]", slug) else f"{slug}-ti"
+    if not file_stem:
+        return slug
+    reserved = slug.lower() in (stem.lower() for stem in RESERVED_STEMS) or re.fullmatch(
+        r"(learned_embeds(_2)?-steps-\d+|checkpoint-\d+)", slug, flags=re.IGNORECASE
+    )
+    return slug if re.search(r"[._-]", slug) and not reserved else f"{slug}-ti"
 
 
 def _encoder_metadata(concept, name):
@@ -155,10 +190,52 @@ def stated_norm(text):
     return value if math.isfinite(value) else None
 
 
-def write_single_file(concept, path):
+def check_targets(paths, *, overwrite=False, inputs=(), flag="--output"):
+    """Before anything is written: no target may be one of the command's own input files (not even with overwrite),
+    and none may exist unless overwrite. A folder the targets go into may hold other files: it is added to."""
+    protected = {os.path.realpath(p) for p in inputs}
+    for path in paths:
+        if os.path.realpath(path) in protected:
+            raise DTIError(
+                f"{flag} would write {path}, which is an input of this command; choose another {flag} so that the "
+                "input is kept."
+            )
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise DTIError(f"{flag}: {shown} already exist; pass --overwrite to replace them, or choose another {flag}.")
+
+
+def diffusers_paths(concept, output, single_file=False, suffix="", ext=".safetensors"):
+    """The files write_diffusers writes for `concept` at `output`."""
+    if output.lower().endswith(EMBEDDING_EXTENSIONS):
+        if concept.sdxl:
+            raise DTIError(
+                f"--output {output} is a file, but an SDXL embedding in diffusers form is two files; pass a folder."
+            )
+        return [output]
+    paths = [os.path.join(output, FILE_STEMS[name] + suffix + ext) for name in concept.vectors]
+    if single_file and concept.sdxl:
+        paths.append(os.path.join(output, embedding_slug(concept.token, file_stem=True) + suffix + ext))
+    return paths
+
+
+def concept_paths(concept, output, to="diffusers", single_file=False):
+    """The files write_concept writes: diffusers form, or one single file (a folder gets NAME.safetensors)."""
+    if to not in CONVERT_TARGETS:
+        raise DTIError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}.")
+    if to == "diffusers":
+        return diffusers_paths(concept, output, single_file=single_file)
+    if output.lower().endswith(EMBEDDING_EXTENSIONS):
+        return [output]
+    return [os.path.join(output, embedding_slug(concept.token, file_stem=True) + ".safetensors")]
+
+
+def write_single_file(concept, path, overwrite=True, inputs=()):
     """The AUTOMATIC1111/ComfyUI/kohya single file: SDXL {"clip_l", "clip_g"}; SD {token: tensor} (.safetensors, the
     key diffusers takes as the token; the others take any single key) or {"string_to_param": {"*": ...}, "name",
-    "step"} (.pt)."""
+    "step"} (.pt). Refuses to replace a file unless overwrite, and never writes over `inputs` (check_targets)."""
+    check_targets([path], overwrite=overwrite, inputs=inputs)
     meta = _encoder_metadata(concept, "text_encoder")
     if concept.sdxl:
         meta["text_encoder"] = "both"
@@ -181,45 +258,38 @@ def write_single_file(concept, path):
     return _save_pickle(path, a1111)
 
 
-def write_diffusers(concept, output, single_file=False, suffix="", ext=".safetensors"):
+def write_diffusers(concept, output, single_file=False, suffix="", ext=".safetensors", overwrite=True, inputs=()):
     """diffusers form: a {token: tensor} file (SD, OUTPUT ending in .safetensors/.bin) or a folder with
-    learned_embeds{suffix}{ext} (+ learned_embeds_2 for SDXL; with single_file also the <slug> single file)."""
-    if output.lower().endswith(EMBEDDING_EXTENSIONS):
-        if concept.sdxl:
-            raise DTIError(
-                f"--output {output} is a file, but an SDXL embedding in diffusers form is two files; pass a folder."
-            )
-        meta = _encoder_metadata(concept, "text_encoder")
-        return [save_embedding_file(output, {concept.token: concept.vectors["text_encoder"]}, meta)]
+    learned_embeds{suffix}{ext} (+ learned_embeds_2 for SDXL; with single_file also the <slug> single file).
+    Refuses to replace files unless overwrite, and never writes over `inputs` (check_targets)."""
+    paths = diffusers_paths(concept, output, single_file=single_file, suffix=suffix, ext=ext)
+    check_targets(paths, overwrite=overwrite, inputs=inputs)
+    names = list(concept.vectors)
     written = [
-        save_embedding_file(
-            os.path.join(output, FILE_STEMS[name] + suffix + ext),
-            {concept.token: vectors},
-            _encoder_metadata(concept, name),
-        )
-        for name, vectors in concept.vectors.items()
+        save_embedding_file(path, {concept.token: concept.vectors[name]}, _encoder_metadata(concept, name))
+        for path, name in zip(paths, names)
     ]
-    if single_file and concept.sdxl:
-        stem = embedding_slug(concept.token, file_stem=True)
-        written.append(write_single_file(concept, os.path.join(output, stem + suffix + ext)))
+    if len(paths) > len(names):  # the SDXL single file
+        written.append(write_single_file(concept, paths[-1]))
     return written
 
 
-def write_concept(concept, output, to="diffusers", single_file=False):
+def write_concept(concept, output, to="diffusers", single_file=False, overwrite=True, inputs=()):
     """Write a concept in the form `to` (diffusers, a1111, comfyui); returns the paths written."""
-    if to not in CONVERT_TARGETS:
-        raise DTIError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}.")
+    paths = concept_paths(concept, output, to=to, single_file=single_file)
     if to == "diffusers":
-        return write_diffusers(concept, output, single_file=single_file)
-    if not output.lower().endswith(EMBEDDING_EXTENSIONS):
-        output = os.path.join(output, embedding_slug(concept.token, file_stem=True) + ".safetensors")
-    return [write_single_file(concept, output)]
+        return write_diffusers(concept, output, single_file=single_file, overwrite=overwrite, inputs=inputs)
+    return [write_single_file(concept, paths[0], overwrite=overwrite, inputs=inputs)]
 
 
 def save_training_embeddings(output_dir, embeddings, *, token, run_info, step, suffix="", ext=".safetensors"):
     """The training outputs: learned_embeds[_2]{suffix}{ext} and, for SDXL, the single file, with metadata saying how
-    they were made (`run_info`: {str: value}, plus each encoder's norm and the step). If output_dir cannot be written,
-    the files go to a new temporary folder named in the error."""
+    they were made (`run_info`: {str: value}, plus each encoder's norm and the step).
+
+    Never loses the embedding without saying so: vectors that are not finite are not written over the files on disk
+    (the last good ones stay); if output_dir cannot be written (a full disk, a folder in the way), the files go to a
+    new folder under the system's temporary folder, or under the current folder, named in the error; if neither can
+    be written the error says the embedding is lost and why."""
     metadata = {
         e.name: {
             "method": "directional_textual_inversion" if e.norm is not None else "textual_inversion",
@@ -231,15 +301,30 @@ def save_training_embeddings(output_dir, embeddings, *, token, run_info, step, s
         for e in embeddings
     }
     vectors = {e.name: e.vectors().detach() for e in embeddings}
+    if not all(torch.isfinite(v).all() for v in vectors.values()):
+        raise DTIError(
+            f"The embedding at step {step} is not finite (NaN or infinite values); it was not written, and the files "
+            f"in {output_dir} keep the last finite one. Lower --learning_rate or use --mixed_precision bf16 or no."
+        )
     concept = ConceptEmbedding(token, vectors, metadata, form="diffusers-folder")
     try:
         return write_diffusers(concept, output_dir, single_file=True, suffix=suffix, ext=ext)
-    except OSError as e:
-        rescue = tempfile.mkdtemp(prefix="dti-rescue-")
-        write_diffusers(concept, rescue, single_file=True, suffix=suffix, ext=ext)
+    except WriteError as failed:
+        cause = why(failed.__cause__)
+        for parent in (tempfile.gettempdir(), os.getcwd()):
+            try:
+                rescue = tempfile.mkdtemp(prefix="dti-rescue-", dir=parent)
+                write_diffusers(concept, rescue, single_file=True, suffix=suffix, ext=ext)
+            except (OSError, WriteError):
+                continue
+            raise DTIError(
+                f"Could not write the embedding to {output_dir} ({cause}); it was saved to {rescue} instead."
+            ) from failed
         raise DTIError(
-            f"Could not write the embedding to {output_dir} ({e.strerror or e}); it was saved to {rescue} instead."
-        ) from e
+            f"Could not write the embedding to {output_dir} ({cause}), nor to a new folder in "
+            f"{tempfile.gettempdir()} or {os.getcwd()}: the embedding of step {step} is lost. Free some space and "
+            "resume from the last checkpoint (--resume_from_checkpoint latest)."
+        ) from failed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,7 +437,9 @@ def _concept_from_data(data, metadata, path):
 
 
 def _read_file(path):
-    return _concept_from_data(*read_embedding_file(path), path)
+    concept = _concept_from_data(*read_embedding_file(path), path)
+    concept.files = (path,)
+    return concept
 
 
 def _find_file(folder, stem):
@@ -381,7 +468,7 @@ def _join_encoders(folder, concept, first, second):
         "text_encoder_2": {**other.metadata["text_encoder"], "text_encoder": "text_encoder_2"},
     }
     vectors = {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]}
-    return ConceptEmbedding(concept.token, vectors, metadata, folder, "diffusers-folder")
+    return ConceptEmbedding(concept.token, vectors, metadata, folder, "diffusers-folder", files=(first, second))
 
 
 def read_concept(path):

@@ -4,15 +4,67 @@ The card says how the embedding was made and how to load it: a complete diffuser
 SDXL, or from the single file) and the file name and prompt word for AUTOMATIC1111, ComfyUI and kohya.
 """
 
+import functools
 import json
 import os
 import re
+import socket
+import urllib.parse
 
 from dti_files import atomic_write, embedding_slug
 from dti_utils import DTIError, logger
 
 
-__all__ = ["create_hub_repo", "base_model_license", "loading_snippet", "write_model_card", "push_output_to_hub"]
+__all__ = [
+    "hub_unreachable",
+    "check_hub_files",
+    "create_hub_repo",
+    "base_model_license",
+    "loading_snippet",
+    "write_model_card",
+    "push_output_to_hub",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reaching the Hub: in seconds, or one sentence (huggingface_hub alone retries for minutes without a network)
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable():
+    """Why the Hub cannot be asked, in a few words ("HF_HUB_OFFLINE is set", "huggingface.co does not answer"), or
+    None when it can. One TCP connection with a 3 s timeout, made once per process."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        return f"{host} does not answer"
+    return None
+
+
+def check_hub_files(name, *, flag, filename, what, revision=None, cache_dir=None):
+    """A Hub id that is neither cached (its `filename`) nor reachable is one sentence at once: the libraries would
+    retry for minutes. Local paths and reachable ids pass (the libraries then say what is wrong with them)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return
+    try:
+        cached = try_to_load_from_cache(name, filename, cache_dir=cache_dir, revision=revision)
+    except ValueError:  # not a valid repo id: the library's own error names it
+        return
+    why = None if isinstance(cached, str) else hub_unreachable()
+    if why:
+        raise DTIError(
+            f"{flag} {name} is not in the local Hugging Face cache and {why}; download it first (`hf download "
+            f"{name}`) or pass a local folder of {what}."
+        )
 
 
 def create_hub_repo(name, *, token=None, private=False):
@@ -128,6 +180,8 @@ def _card_sections(
 ):
     dti = embeddings[0].norm is not None
     stem = embedding_slug(token, file_stem=True)
+    local = os.path.exists(base_model)  # a folder on the training machine: named, never its absolute path
+    shown = os.path.basename(os.path.normpath(base_model)) if local else base_model
     method = "Directional Textual Inversion (DTI)" if dti else "classic textual inversion (AdamW, free norm)"
     about = ""
     if dti:
@@ -139,17 +193,22 @@ def _card_sections(
         )
     images = "\n".join(f"![validation image {i}]({os.path.relpath(p, output_dir)})" for i, p in enumerate(image_paths))
     sections = [
-        f"# `{token}`: {method} on {base_model}",
+        f"# `{token}`: {method} on {shown}",
         f"The token `{token}` ({len(embeddings[0].tokens)} vector(s), initialized from `{initializer_token}`) was "
         f"learned with {method} for {steps} steps.{about}",
         images or "No validation images were made (pass --validation_prompt).",
         "## Use it with diffusers",
-        loading_snippet(repo_id, base_model, token, sdxl, validation_prompt, ext),
+        loading_snippet(repo_id, shown, token, sdxl, validation_prompt, ext),
     ]
+    if local:
+        sections.append(
+            f"`{shown}` is the base model's folder on the machine that trained this embedding: put the base model's "
+            "Hub id or your own copy's path in its place."
+        )
     if sdxl:
         sections += [
             f"Or from the single file `{stem}{ext}`, which holds both encoders' vectors:",
-            loading_snippet(repo_id, base_model, token, sdxl, validation_prompt, ext, single_file=stem + ext),
+            loading_snippet(repo_id, shown, token, sdxl, validation_prompt, ext, single_file=stem + ext),
         ]
     where = "Put" if sdxl else f"Save `learned_embeds{ext}` as"
     ui = (
@@ -161,10 +220,39 @@ def _card_sections(
     sections += ["## AUTOMATIC1111, ComfyUI, kohya", ui]
     if not license:
         sections.append(
-            f"The license of the base model `{base_model}` could not be read, so this card says `other`: check it "
+            f"The license of the base model `{shown}` could not be read, so this card says `other`: check it "
             "before use."
         )
     return sections
+
+
+def _card_tail(*, token, embeddings, details):
+    """What diffusers' card template leaves as TODOs: how to use (above), the limitations, the training details."""
+    dti = embeddings[0].norm is not None
+    limits = (
+        "A textual-inversion token learns a concept from a few photos: it carries their lighting, backgrounds and "
+        "any shared object along with the subject, and a concept far from the base model's training data is learned "
+        "less well."
+    )
+    limits += (
+        " DTI fixes the token's norm at the vocabulary's own scale, so it keeps following the rest of the prompt; a "
+        "subject whose likeness needs more than the learned direction can show less detail than classic TI at its "
+        "inflated norm."
+        if dti
+        else " Classic TI lets the token's norm grow out of distribution, which can drown the rest of a long prompt."
+    )
+    rows = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in (details or {}).items()]
+    training = "\n".join(rows) if details else f"`{token}` was trained on the concept's photos."
+    return "\n\n".join(
+        [
+            "## Intended uses & limitations",
+            "Use the snippets above.",
+            "#### Limitations and bias",
+            limits,
+            "## Training details",
+            training,
+        ]
+    )
 
 
 def write_model_card(
@@ -183,10 +271,12 @@ def write_model_card(
     sdxl=False,
     license=None,
     hub_token=None,
+    details=None,
 ):
     """README.md in diffusers' conventions (load_or_create_model_card + populate_model_card): an existing card of
     repo_id is kept, with the tags added; a new one gets the base model's license, base_model (a Hub id only), the
-    validation images and snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya."""
+    validation images, snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya, and in place of the template's
+    TODOs the limitations and the training details (`details`: {setting: value})."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     license = license or {}
@@ -217,6 +307,11 @@ def write_model_card(
         license=license.get("license", "other"),
         inference=True,
     )
+    heading = "## Intended uses & limitations"
+    if heading in card.text and "[TODO:" in card.text:  # a new card from diffusers' template: its TODOs filled in
+        card.text = (
+            card.text.split(heading)[0] + _card_tail(token=token, embeddings=embeddings, details=details) + "\n"
+        )
     for key in ("license_name", "license_link"):  # the base's own terms, for a card that says `other`
         if card.data.license == "other" and key in license and getattr(card.data, key, None) is None:
             setattr(card.data, key, license[key])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dti_data import open_rgb
+from dti_hub import check_hub_files
 from dti_utils import DTIError, logger
 
 
@@ -84,6 +85,7 @@ class Encoder:
 
         self.name, self.model_id, self.device, self.cache_dir = name, model_id, torch.device(device), cache_dir
         self.model = None
+        check_hub_files(model_id, flag=flag.format(name).strip(), filename="config.json", what=f"a {name} model")
         try:
             self.processor = AutoProcessor.from_pretrained(model_id, cache_dir=cache_dir)
         except (OSError, ValueError, ImportError) as e:

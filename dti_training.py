@@ -20,19 +20,22 @@ import time
 import numpy as np
 import torch
 
-from dti_files import atomic_write
+from dti_cli import FAMILY_NAMES, SCRIPTS
+from dti_files import WriteError, atomic_write, write_failure_types
+from dti_files import why as write_failure
 from dti_utils import DTIError, DTIWarning, logger
 
 
 __all__ = [
     # the session
     "quiet_library_notices",
+    "output_dir_lock",
     "training_session",
     "StopSignals",
     "StartupTimer",
     "process_start_time",
     # steps, learning rate and models
-    "max_train_steps",
+    "steps_per_epoch",
     "scaled_learning_rate",
     "vae_dtype",
     "freeze_models",
@@ -122,10 +125,46 @@ class StopSignals:
 
 
 @contextlib.contextmanager
+def output_dir_lock(output_dir):
+    """An exclusive lock on the output folder (flock on the folder itself: no file is written) while the run lives:
+    a second run into the same folder stops with one sentence instead of mixing its files with this run's. The OS
+    releases it when the process ends, however it ends. A folder made here and left empty is removed again. Where the
+    folder cannot be made (prepare_output_dir names why) or the OS has no flock, nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    made, fd = not os.path.exists(output_dir), None
+    if fcntl is not None and not (os.path.exists(output_dir) and not os.path.isdir(output_dir)):
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            fd = os.open(output_dir, os.O_RDONLY)
+        except OSError:
+            fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise DTIError(
+                f"Another run is writing to --output_dir {output_dir}; wait for it to finish, or choose another "
+                "--output_dir."
+            ) from e
+    try:
+        yield
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        if made and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+
+
+@contextlib.contextmanager
 def training_session(*, output_dir, logging_dir, mixed_precision, report_to):
-    """One run's accelerator, logging and stop signals, torn down on every exit path: on an error or a second
-    Ctrl-C the embedding is saved first (StopSignals.save_on_abort), then the trackers are closed. Yields
-    (accelerator, stop)."""
+    """One run's accelerator, logging, stop signals and the lock on its output folder (main process), torn down on
+    every exit path: on an error or a second Ctrl-C the embedding is saved first (StopSignals.save_on_abort), then
+    the trackers are closed and the lock released. Yields (accelerator, stop)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -144,8 +183,9 @@ def training_session(*, output_dir, logging_dir, mixed_precision, report_to):
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
     stop = StopSignals(accelerator.is_main_process)
+    lock = output_dir_lock(output_dir) if accelerator.is_main_process else contextlib.nullcontext()
     try:
-        with logging_redirect_tqdm(), stop:  # log lines never glue to the progress bar
+        with lock, logging_redirect_tqdm(), stop:  # log lines never glue to the progress bar
             try:
                 yield accelerator, stop
             except BaseException:
@@ -197,16 +237,10 @@ class StartupTimer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def max_train_steps(
-    *, max_train_steps, num_train_epochs, num_images, repeats, batch_size, num_processes, accumulation
-):
-    """--max_train_steps; else --num_train_epochs whole epochs of optimizer steps; else the recipe's 400."""
-    if max_train_steps is not None:
-        return max_train_steps
-    if not num_train_epochs:
-        return 400
+def steps_per_epoch(*, num_images, repeats, batch_size, num_processes, accumulation):
+    """Optimizer steps in one epoch: the images x repeats, in micro-batches of batch_size per process, accumulated."""
     micro_steps = math.ceil(num_images * repeats / (batch_size * num_processes))
-    return num_train_epochs * math.ceil(micro_steps / accumulation)
+    return math.ceil(micro_steps / accumulation)
 
 
 def scaled_learning_rate(learning_rate, *, scale_lr, batch_size, accumulation, num_processes):
@@ -320,7 +354,7 @@ def average_gradients(accelerator, params):
 
 CHECKPOINT_FILE = "training_state.pt"
 CHECKPOINT_FORMAT = "dti-checkpoint-2"
-FIXED_FLAGS = ("placeholder_token", "initializer_token", "num_vectors", "optimizer")  # the state means nothing else
+FIXED_FLAGS = ("placeholder_token", "num_vectors", "initializer_token", "optimizer")  # the state means nothing else
 REPORTED_FLAGS = (
     "learning_rate",
     "scale_lr",
@@ -397,25 +431,35 @@ def find_checkpoint(output_dir, resume_from_checkpoint):
     return path, load_checkpoint(path)
 
 
-def check_resume(path, state, *, flags, tokens, num_processes):
-    """Before any model loads: refuse a resume under flags that make the state meaningless, refuse one with nothing
-    left to train, and report each flag that differs from the checkpoint's (the new value governs). `flags` are this
-    run's ({name: value}, as parsed). Returns the seed to train with: the checkpoint's, so that data order and noise
-    continue."""
+def check_resume(path, state, *, flags, family, tokens, init_ids, num_processes):
+    """Before any model loads: refuse a resume by another script's family or under flags that make the state
+    meaningless, refuse one with nothing left to train, and report each flag that differs from the checkpoint's (the
+    new value governs). `flags` are this run's ({name: value}, as parsed); `tokens` and `init_ids` (one list per text
+    encoder) what they resolve to, compared as the tokenizer reads them ('Toy' and 'toy' are one initializer for a
+    lowercasing tokenizer; an explicit --num_vectors equal to the count it gave is the same). Returns the seed to
+    train with: the checkpoint's, so that data order and noise continue."""
+    recorded_family = state.get("family") or ("sdxl" if len(state["params"]) == 2 else "sd")
+    if recorded_family != family:
+        raise DTIError(
+            f"Checkpoint {path} was made by {SCRIPTS[recorded_family]} ({FAMILY_NAMES[recorded_family]}); resume it "
+            "with that script, or start this one in a new --output_dir."
+        )
     recorded_flags = state.get("flags", {})
-    recorded = {
-        "placeholder_token": state["tokens"][0],
-        "num_vectors": len(state["tokens"]),
-        "optimizer": state.get("mode"),
-        **recorded_flags,
-    }
-    now = {"placeholder_token": tokens[0], "num_vectors": len(tokens), "num_processes": num_processes, **flags}
+    recorded = {**recorded_flags, "placeholder_token": state["tokens"][0], "num_vectors": len(state["tokens"])}
+    recorded["optimizer"] = state.get("mode")
+    now = {**flags, "placeholder_token": tokens[0], "num_vectors": len(tokens), "num_processes": num_processes}
+    if "init_ids" in state:  # the initializer as the tokenizer read it, not as it was typed
+        recorded["initializer_token"], now["initializer_token"] = state["init_ids"], [list(i) for i in init_ids]
     for flag in FIXED_FLAGS:
         if flag in recorded and recorded[flag] != now[flag]:
+            was, this = (
+                (recorded_flags.get(flag), flags.get(flag))
+                if flag == "initializer_token"
+                else (recorded[flag], now[flag])
+            )
             raise DTIError(
-                f"Checkpoint {path} was made with --{flag} {recorded[flag]!r} and this run has {now[flag]!r}; the "
-                f"saved state means nothing under another {flag.replace('_', ' ')}: use the same flag or a new "
-                "--output_dir."
+                f"Checkpoint {path} was made with --{flag} {was!r} and this run has {this!r}; the saved state means "
+                f"nothing under another {flag.replace('_', ' ')}: use the same flag or a new --output_dir."
             )
     if flags["max_train_steps"] <= state["global_step"]:
         raise DTIError(
@@ -437,12 +481,17 @@ def check_resume(path, state, *, flags, tokens, num_processes):
     return int(state["seed"])
 
 
-def training_state(step, *, seed, mode, flags, embeddings, optimizer, scaler, history):
-    """The checkpoint's content: everything an exact resume needs, in kilobytes. `flags` ({name: value}) are kept so
-    that a resume can say what changed."""
+def training_state(step, *, run_id, family, seed, mode, flags, init_ids, embeddings, optimizer, scaler, history):
+    """The checkpoint's content: everything an exact resume needs, in kilobytes, and the run's identity (run_id: a
+    resumed run keeps its checkpoint's; family: the script that made it). `flags` ({name: value}) are kept so that a
+    resume can say what changed; `init_ids` (one list per text encoder) are the initializer as the tokenizer read
+    it."""
     kept = {k: flags[k] for k in FIXED_FLAGS + REPORTED_FLAGS if k in flags}
     return {
         "format": CHECKPOINT_FORMAT,
+        "run_id": run_id,
+        "family": family,
+        "init_ids": [list(i) for i in init_ids],
         "global_step": step,
         "seed": seed,
         "tokens": embeddings[0].tokens,
@@ -480,9 +529,17 @@ def restore_training_state(path, state, embeddings, optimizer, scaler=None):
     return step, [tuple(h) for h in state.get("history", [])]
 
 
+def _run_of(path):
+    try:
+        return load_checkpoint(path).get("run_id")
+    except DTIError:
+        return None
+
+
 def save_checkpoint(output_dir, step, state, total_limit=None):
-    """Write checkpoint-N (a temporary folder renamed when complete), then prune the oldest beyond total_limit:
-    a crash at any point leaves the previous checkpoints intact."""
+    """Write checkpoint-N (a temporary folder renamed when complete), then prune this run's oldest beyond
+    total_limit (checkpoints of another run, by state["run_id"], are never pruned): a crash at any point leaves the
+    previous checkpoints intact."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = None
     try:
@@ -491,7 +548,7 @@ def save_checkpoint(output_dir, step, state, total_limit=None):
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as e:
+    except write_failure_types() as e:  # torch.save's zip writer raises RuntimeError on a full disk
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(output_dir)
@@ -501,11 +558,11 @@ def save_checkpoint(output_dir, step, state, total_limit=None):
             else "no checkpoint was written"
         )
         raise DTIError(
-            f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}); {intact}. Free some space or fix "
-            "the folder, then resume with --resume_from_checkpoint latest."
+            f"Could not write checkpoint-{step} in {output_dir} ({write_failure(e)}); {intact}. Free some space or "
+            "fix the folder, then resume with --resume_from_checkpoint latest."
         ) from e
     if total_limit is not None:
-        older = [p for p in list_checkpoints(output_dir) if p != final]
+        older = [p for p in list_checkpoints(output_dir) if p != final and _run_of(p) == state.get("run_id")]
         for old in older[: max(len(older) + 1 - total_limit, 0)]:
             logger.info(f"Removing old checkpoint {old} (--checkpoints_total_limit {total_limit})")
             shutil.rmtree(old)
@@ -553,8 +610,12 @@ def log_validation(
         images.append(decode_latents(pipeline, latents)[0])
     folder = os.path.join(output_dir, "validation")
     paths = [os.path.join(folder, f"step-{step:06d}-{i}.png") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    try:
+        for image, path in zip(images, paths):
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    except WriteError as e:  # pictures never stop a run: the embedding and checkpoints are what matter
+        logger.warning(f"Validation images at step {step} not saved: {e}")
+        paths = [p for p in paths if os.path.isfile(p)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             pictures = np.stack([np.asarray(img) for img in images])
@@ -624,4 +685,8 @@ def plot_training_curves(history, path):
             ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
             ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    except WriteError as e:  # the curves never cost the embedding, which is saved before them
+        logger.warning(f"Training curves not saved: {e}")
+        return None

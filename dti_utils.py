@@ -42,6 +42,7 @@ __all__ = [
     # tokens and the directional embedding
     "vocabulary_norm_stats",
     "resolve_token_scale",
+    "as_tokenizer_reads",
     "placeholder_token_list",
     "initializer_ids",
     "resolve_tokens",
@@ -285,9 +286,18 @@ def initializer_ids(tokenizer, initializer_token, num_vectors=None, allow_multi_
     return ids
 
 
+def as_tokenizer_reads(tokenizer, text):
+    """`text` as the tokenizer's normalizer turns it before matching (CLIP's lowercases: '<Cat-Toy>' is read as
+    '<cat-toy>'), or unchanged for a tokenizer without one."""
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    return normalizer.normalize_str(text) if normalizer is not None else text
+
+
 def resolve_tokens(tokenizer, placeholder_token, initializer_token, num_vectors=None, allow_multi_token=False):
     """Check the concept flags against a tokenizer; return (placeholder tokens, initializer ids). Nothing is added
-    to the tokenizer, so this runs before any model loads."""
+    to the tokenizer, so this runs before any model loads. A placeholder the tokenizer would change in prompts (CLIP
+    lowercases them; an added token keeps its case, so '<Cat-Toy>' with two vectors would match one) is written as
+    the tokenizer reads it, with a warning: diffusers' load_textual_inversion then finds every vector."""
     if not placeholder_token or not placeholder_token.strip():
         raise DTIError("--placeholder_token is empty; pass a new word such as '<my-concept>'.")
     if any(c.isspace() for c in placeholder_token):
@@ -295,6 +305,13 @@ def resolve_tokens(tokenizer, placeholder_token, initializer_token, num_vectors=
             f"--placeholder_token {placeholder_token!r} contains white space; use a single word such as "
             "'<my-concept>'."
         )
+    read = as_tokenizer_reads(tokenizer, placeholder_token)
+    if read != placeholder_token:
+        logger.warning(
+            f"--placeholder_token {placeholder_token!r} is trained as {read!r}, as the tokenizer reads prompts; write "
+            f"{read!r} in prompts (diffusers expands a multi-vector token only as the files name it)."
+        )
+        placeholder_token = read
     if not initializer_token or not initializer_token.strip():
         raise DTIError("--initializer_token is empty; pass a word close to the concept, such as 'toy'.")
     init_ids = initializer_ids(tokenizer, initializer_token, num_vectors, allow_multi_token)

@@ -546,6 +546,8 @@ def main(args):
     )
 
     # -- Checks that need no model: everything a typo can break fails here, in seconds --
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise DTIError(f"--output_dir {args.output_dir} is a file; pass a folder (it is made if missing).")
     index = cli.check_model(args.model, None, args.revision, args.cache_dir, flag="--model")
     sdxl = "text_encoder_2" in index
     prompt_sets = load_prompt_sets(args.prompts)

@@ -15,6 +15,7 @@ a NAME.txt beside NAME.jpg is that image's caption (see --caption_token).
 
 import argparse
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -71,6 +72,7 @@ def main(args, callback=None):
         "cache_dir": args.cache_dir,
     }
     cli.check_model(args.pretrained_model_name_or_path, "sd", args.revision, args.cache_dir)
+    cli.check_variant(args.pretrained_model_name_or_path, args.variant, ("unet", "vae", "text_encoder"))
     session = training.training_session(
         output_dir=args.output_dir,
         logging_dir=args.logging_dir,
@@ -80,13 +82,19 @@ def main(args, callback=None):
     with session as (accelerator, stop):
         # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
         if accelerator.is_main_process:
-            cli.prepare_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None)
-        if args.tokenizer_name:
-            tokenizer = CLIPTokenizer.from_pretrained(
-                args.tokenizer_name, revision=args.revision, cache_dir=args.cache_dir
+            cli.prepare_output_dir(
+                args.output_dir,
+                resuming=args.resume_from_checkpoint is not None,
+                overwrite=args.overwrite_output_dir,
             )
-        else:
-            tokenizer = CLIPTokenizer.from_pretrained(**model, subfolder="tokenizer")
+        tokenizer = cli.load_tokenizer(
+            CLIPTokenizer,
+            args.tokenizer_name or args.pretrained_model_name_or_path,
+            flag="--tokenizer_name" if args.tokenizer_name else "--pretrained_model_name_or_path",
+            subfolder=None if args.tokenizer_name else "tokenizer",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+        )
         tokens, init_ids = resolve_tokens(
             tokenizer,
             args.placeholder_token,
@@ -94,6 +102,10 @@ def main(args, callback=None):
             num_vectors=args.num_vectors,
             allow_multi_token=args.allow_multi_token_initializer,
         )
+        if tokens[0] != args.placeholder_token:  # written as the tokenizer reads it (resolve_tokens warned)
+            if args.validation_prompt:
+                args.validation_prompt = args.validation_prompt.replace(args.placeholder_token, tokens[0])
+            args.placeholder_token = tokens[0]
         images = data_lib.load_training_images(
             train_data_dir=args.train_data_dir,
             dataset_name=args.dataset_name,
@@ -106,21 +118,40 @@ def main(args, callback=None):
             args.resolution = cli.model_resolution(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
             logger.info(f"--resolution {args.resolution} (the model's unet sample_size x VAE scale factor)")
         data_lib.warn_small_images(images, args.resolution)
-        args.max_train_steps = training.max_train_steps(
-            max_train_steps=args.max_train_steps,
-            num_train_epochs=args.num_train_epochs,
+        data_lib.check_prompts(
+            [tokenizer],
+            images,
+            tokens,
+            learnable_property=args.learnable_property,
+            caption_token=args.caption_token,
+        )
+        epoch = training.steps_per_epoch(
             num_images=len(images),
             repeats=args.repeats,
             batch_size=args.train_batch_size,
             num_processes=accelerator.num_processes,
             accumulation=args.gradient_accumulation_steps,
         )
+        if args.max_train_steps is None:  # whole epochs with --num_train_epochs, else the recipe's 400 steps
+            args.max_train_steps = args.num_train_epochs * epoch if args.num_train_epochs else 400
+        if args.validation_epochs is not None:  # diffusers' deprecated flag, in steps
+            args.validation_steps = args.validation_epochs * epoch
+            logger.warning(f"--validation_epochs is deprecated; validating every {args.validation_steps} steps.")
         checkpoint_path, checkpoint = training.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is not None:  # the checkpoint's seed continues its data order and noise
             args.seed = training.check_resume(
-                checkpoint_path, checkpoint, flags=vars(args), tokens=tokens, num_processes=accelerator.num_processes
+                checkpoint_path,
+                checkpoint,
+                flags=vars(args),
+                family="sd",
+                tokens=tokens,
+                init_ids=[init_ids],
+                num_processes=accelerator.num_processes,
             )
         args.seed = cli.resolve_seed(args.seed)  # drawn and logged when not given
+        # The run's identity, kept in its checkpoints (a resume keeps it): only this run's checkpoints are pruned.
+        run_id = checkpoint.get("run_id") if checkpoint is not None else None
+        run_id = run_id or uuid.uuid4().hex[:12]
         if args.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -302,6 +333,7 @@ def main(args, callback=None):
             "token_scale": args.token_scale,
             "kappa": repr(args.kappa) if args.optimizer == "rsgd" else "none",
             "seed": args.seed,
+            "run_id": run_id,
         }
 
         def save(step, suffix=""):
@@ -318,9 +350,12 @@ def main(args, callback=None):
         def save_checkpoint(step):
             state = training.training_state(
                 step,
+                run_id=run_id,
+                family="sd",
                 seed=args.seed,
                 mode=args.optimizer,
                 flags={**vars(args), "num_processes": accelerator.num_processes},
+                init_ids=[init_ids],
                 embeddings=[embedding],
                 optimizer=optimizer,
                 scaler=accelerator.scaler,
@@ -424,6 +459,7 @@ def main(args, callback=None):
             exit_code=128 + stop.signum if stop.requested else 0,
         )
         if accelerator.is_main_process:
+            stop.save_on_abort = None  # the final save rescues the embedding itself if it cannot be written
             result.files = save(global_step)
             if not stop.requested:
                 training.plot_training_curves(history, f"{args.output_dir}/training_curves.png")
@@ -461,6 +497,15 @@ def main(args, callback=None):
                     validation_prompt=args.validation_prompt,
                     kappa=args.kappa,
                     ext=".bin" if args.no_safe_serialization else ".safetensors",
+                    details={
+                        "images": len(images),
+                        "steps": global_step,
+                        "learning rate": f"{lr:g} (batch {args.train_batch_size} x {accum} x {world})",
+                        "resolution": args.resolution,
+                        "mixed precision": accelerator.mixed_precision,
+                        "optimizer": args.optimizer,
+                        "seed": args.seed,
+                    },
                 )
             norm = embedding.vectors().norm(dim=-1).mean().item()
             logger.info(f"Done: {len(tokens)} vector(s) of norm {norm:.6f} in {result.files[0]}")

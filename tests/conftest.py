@@ -6,6 +6,7 @@ Nothing here may reach the Hugging Face Hub: the offline switches are set before
 """
 
 import functools
+import glob
 import os
 import subprocess
 import sys
@@ -312,3 +313,10 @@ def sd_args(tiny_sd, example_images, tmp_path):
         return sd_argv(tiny_sd, data or example_images, out or (tmp_path / "out"), *extra, steps=steps, seed=seed)
 
     return make
+
+
+def disk_state(folder):
+    """{path: (mtime, bytes)} of every file under folder (none if it does not exist): compare before and after to show
+    that nothing on disk changed, by time and by content."""
+    paths = [p for p in glob.glob(os.path.join(str(folder), "**"), recursive=True) if os.path.isfile(p)]
+    return {p: (os.path.getmtime(p), open(p, "rb").read()) for p in sorted(paths)}

@@ -15,7 +15,7 @@ from dti_training import plot_training_curves
 from dti_utils import DTIError, DTIWarning
 from dti_utils import projx as retract
 
-from conftest import angle, one_error, read_embeds
+from conftest import angle, disk_state, one_error, read_embeds
 
 
 EMBEDDING_KEY = "embeddings.token_embedding.weight"
@@ -367,6 +367,76 @@ def test_convert_refuses_to_overwrite_and_unknown_extensions(tmp_path, capsys):
     assert main(["convert", str(source), "--to", "a1111", "--output", str(tmp_path / "x.ckpt")]) == 2
     one_error(capsys, ".ckpt", ".safetensors")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_slerp_never_writes_over_its_inputs_or_an_existing_output(tmp_path, capsys):
+    """Before: slerp A B --output B replaced B's trained embedding (exit 0); an existing output was overwritten."""
+    a = make_sd_file(tmp_path / "a.safetensors", "<a>", 0.4 * unit_rows(1, 32, 1), dti_meta(0.4))
+    folder_b, _, _ = make_sdxl_folder(tmp_path / "b", "<b>", 1, seed=2)
+    folder_c, _, _ = make_sdxl_folder(tmp_path / "c", "<c>", 1, seed=3)
+    b = make_sd_file(tmp_path / "b.safetensors", "<b>", 0.4 * unit_rows(1, 32, 4), dti_meta(0.4))
+    before = disk_state(tmp_path)
+    for output, extra in ((b, []), (b, ["--overwrite"])):  # its own input, even with --overwrite
+        assert main(["slerp", a, b, "--output", output, *extra]) == 2
+        one_error(capsys, f"--output would write {b}, which is an input of this command")
+    assert main(["slerp", folder_b, folder_c, "--output", folder_c, "--overwrite"]) == 2
+    one_error(capsys, "learned_embeds.safetensors, which is an input")
+    assert disk_state(tmp_path) == before
+    existing = tmp_path / "mix.safetensors"
+    existing.write_bytes(b"precious")
+    before = disk_state(tmp_path)
+    assert main(["slerp", a, b, "--output", str(existing)]) == 2
+    one_error(capsys, f"--output: {existing} already exist", "--overwrite")
+    assert disk_state(tmp_path) == before
+    assert main(["slerp", a, b, "--output", str(existing), "--overwrite"]) == 0
+    assert list(read_embeds(existing)[0]) == ["<a-b>"]
+
+
+def test_slerp_checks_render_before_writing(tmp_path, capsys):
+    """Before: a --render that could not work failed after the blends were written."""
+    a = make_sd_file(tmp_path / "a.safetensors", "<a>", 0.4 * unit_rows(1, 32, 1), dti_meta(0.4))
+    b = make_sd_file(tmp_path / "b.safetensors", "<b>", 0.4 * unit_rows(1, 32, 2), dti_meta(0.4))
+    for flags, words in (
+        (["--render", str(tmp_path / "nowhere")], ["--render", "is not a folder"]),
+        (["--render", str(tmp_path), "--steps", "0"], ["--steps must be at least 1"]),
+    ):
+        assert main(["slerp", a, b, "--output", str(tmp_path / "mix"), *flags]) == 2
+        one_error(capsys, *words)
+        assert not (tmp_path / "mix").exists()
+
+
+def test_convert_adds_to_a_ui_folder_that_holds_other_embeddings(tmp_path, capsys):
+    """Before: --output embeddings/ (the README's own example) was refused because the folder held other files."""
+    source = make_sd_file(tmp_path / "cat-toy.safetensors", "<cat-toy>", 0.4 * unit_rows(1, 32, 1), dti_meta(0.4))
+    ui = tmp_path / "embeddings"
+    ui.mkdir()
+    (ui / "someone-else.safetensors").write_bytes(b"theirs")
+    assert main(["convert", source, "--to", "comfyui", "--output", str(ui)]) == 0
+    assert sorted(os.listdir(ui)) == ["cat-toy.safetensors", "someone-else.safetensors"]
+    assert (ui / "someone-else.safetensors").read_bytes() == b"theirs"
+    assert main(["convert", source, "--to", "comfyui", "--output", str(ui)]) == 2  # the same name: refused
+    one_error(capsys, str(ui / "cat-toy.safetensors"), "already exist", "--overwrite")
+
+
+def test_the_single_file_never_takes_another_outputs_name(tmp_path):
+    """Before: an SDXL placeholder <learned_embeds_2> named the single file learned_embeds_2.safetensors, over the
+    diffusers pair's second file."""
+    from dti_files import ConceptEmbedding, embedding_slug, write_diffusers
+
+    vectors = {"text_encoder": unit_rows(1, 32, 1), "text_encoder_2": unit_rows(1, 64, 2)}
+    written = write_diffusers(ConceptEmbedding("<learned_embeds_2>", vectors), str(tmp_path), single_file=True)
+    assert [os.path.basename(p) for p in written] == [
+        "learned_embeds.safetensors",
+        "learned_embeds_2.safetensors",
+        "learned_embeds_2-ti.safetensors",
+    ]
+    assert list(read_embeds(tmp_path / "learned_embeds_2.safetensors")[0]) == ["<learned_embeds_2>"]
+    assert sorted(read_embeds(tmp_path / "learned_embeds_2-ti.safetensors")[0]) == ["clip_g", "clip_l"]
+    assert [embedding_slug(t, file_stem=True) for t in ("<training_curves>", "<checkpoint-4>", "<cat-toy>")] == [
+        "training_curves-ti",
+        "checkpoint-4-ti",
+        "cat-toy",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ float and tiny images), aspect-preserving views (and diffusers' squash on reques
 model's configs, the velocity target of v-prediction models, and per-image captions (resume with captions included).
 Offline, tiny models."""
 
+import copy
 import json
 import logging
 import os
@@ -21,7 +22,16 @@ import dti_cli
 import dti_data
 import dti_utils
 
-from conftest import PLACEHOLDER, one_error, read_embeds, row_norms, run_cli_inprocess, run_inprocess, sd_argv
+from conftest import (
+    PLACEHOLDER,
+    disk_state,
+    one_error,
+    read_embeds,
+    row_norms,
+    run_cli_inprocess,
+    run_inprocess,
+    sd_argv,
+)
 
 
 RES = 32
@@ -492,3 +502,70 @@ def test_help_says_how_captions_and_views_work(capsys):
         "the model's own, unet sample_size x VAE scale factor",
     ):
         assert words in text, words
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing silently wrong: a placeholder cut off, vectors past the context, files passed over, a byte-order mark
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_caption_that_puts_the_placeholder_past_the_context_is_refused(
+    sd_args, tmp_path, example_images, capsys, tokenizer
+):
+    """Before: the caption was cut at 77 tokens and the image trained without the token (one warning: 'cut')."""
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    (data / "example_1.txt").write_text(" ".join(["a photo of a toy on a table"] * 12) + " with {}")
+    before = disk_state(tmp_path)
+    assert run_cli_inprocess(sd_args(data=data, out=tmp_path / "out")) == 2
+    line = one_error(capsys, "example_1.png", "puts the placeholder at token", "past the text encoder's 77 tokens")
+    reader = copy.deepcopy(tokenizer)  # the session's tokenizer stays as it is
+    reader.add_tokens([PLACEHOLDER])
+    ids = reader((data / "example_1.txt").read_text().replace("{}", PLACEHOLDER)).input_ids
+    assert int(line.split("at token ")[1].split(",")[0]) == ids.index(reader.convert_tokens_to_ids(PLACEHOLDER)) + 1
+    assert disk_state(tmp_path) == before
+
+
+def test_more_vectors_than_the_context_holds_are_refused(sd_args, tmp_path, capsys, tokenizer):
+    """Before: --num_vectors 80 trained; the vectors past token 77 never received a gradient."""
+    assert run_cli_inprocess(sd_args("--num_vectors", "80", out=tmp_path / "out")) == 2
+    line = one_error(capsys, "--num_vectors 80", "past the text encoder's 77", "use at most")
+    longest = max(len(tokenizer(t.format("")).input_ids) for t in dti_data.OBJECT_TEMPLATES)
+    assert line.rstrip(".").endswith(f"use at most {77 - longest} vectors")
+    assert not (tmp_path / "out").exists()
+    assert run_inprocess(sd_args("--num_vectors", str(77 - longest), steps=1, out=tmp_path / "ok")).global_step == 1
+
+
+def test_subfolders_and_hidden_files_are_named_in_warnings_and_a_bom_is_no_prompt_word(
+    tmp_path, example_images, caplog
+):
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    (data / "more").mkdir()
+    shutil.copy(data / "example_0.png", data / "more" / "example_9.png")
+    (data / ".DS_Store").write_bytes(b"\0")
+    (data / ".hidden.png").write_bytes(b"\0")
+    (data / "example_2.txt").write_bytes("\ufeffa toy on a table".encode("utf-8"))  # a BOM, as Notepad writes it
+    caplog.set_level(logging.WARNING)
+    images = dti_data.load_training_images(str(data))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(images) == 4
+    assert [m for m in messages if "subfolder(s) of" in m] == [
+        f"Skipping 1 subfolder(s) of {data}: more/ (only the images at its top level are read, as in diffusers' "
+        "example; move them up to train on them)"
+    ]
+    hidden = [m for m in messages if "hidden file(s) in" in m]
+    assert len(hidden) == 1 and "Skipping 2 hidden file(s)" in hidden[0]
+    captions = {os.path.basename(im.name): im.caption for im in images}
+    assert captions["example_2.png"] == "a toy on a table"
+
+
+def test_a_14000_pixel_square_image_is_told_its_real_size_and_limit(sd_args, tmp_path, example_images, capsys):
+    """Before: 'resize it below 16384x16384', which it already was."""
+    data = tmp_path / "data"
+    shutil.copytree(example_images, data)
+    _png_header_only(data / "big.png", 14000, 14000)
+    assert run_cli_inprocess(sd_args(data=data)) == 2
+    limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
+    line = one_error(capsys, "big.png has 196 megapixels", f"at most {limit:.0f} megapixels", "resize it")
+    assert "16384" not in line

@@ -23,8 +23,9 @@ import dti_cli
 import dti_concepts
 import dti_metrics
 import evaluate_dti
+from dti_utils import DTIError
 
-from conftest import PLACEHOLDER, error_lines, run_inprocess
+from conftest import PLACEHOLDER, error_lines, one_error, run_inprocess
 
 
 CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
@@ -495,3 +496,42 @@ def test_rescale_bad_flags(extra, expected, tiny_sd, tmp_path, capsys):
     argv = [tmp_path / "ti.safetensors" if a == "SAME" else a for a in argv]
     assert rescale_cli(tmp_path / "ti.safetensors", *argv) == 2
     assert expected in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors in seconds: an output that is a file, scoring models neither cached nor reachable
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_is_a_file_is_one_sentence(eval_inputs, tmp_path, capsys):
+    """Before: a traceback after the models loaded."""
+    blocker = tmp_path / "report"
+    blocker.write_text("mine")
+    argv = [*eval_inputs[0], "--output_dir", str(blocker)]
+    assert dti_cli.run_cli(evaluate_dti.main, evaluate_dti.parse_args, argv) == 2
+    one_error(capsys, f"--output_dir {blocker} is a file")
+    assert blocker.read_text() == "mine"
+
+
+def test_scoring_models_neither_cached_nor_reachable_fail_at_once(monkeypatch):
+    """Before: the default encoders without the Hub retried for more than 2 minutes. Offline, and with the Hub's host
+    not answering, the sentence comes at once (one connection with a 3 s timeout)."""
+    import time
+
+    from huggingface_hub import constants
+
+    import dti_hub
+    from dti_metrics import FidelityScorer
+
+    start = time.perf_counter()
+    with pytest.raises(DTIError, match="--clip_model openai/clip-vit-large-patch14 is not in the local .* HF_HUB_OFF"):
+        FidelityScorer({"clip": "openai/clip-vit-large-patch14"})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    dti_hub.hub_unreachable.cache_clear()
+    try:
+        with pytest.raises(DTIError, match="--dino_model facebook/dinov2-base .* and hub.invalid does not answer"):
+            FidelityScorer({"dino": "facebook/dinov2-base"})
+    finally:
+        dti_hub.hub_unreachable.cache_clear()
+    assert time.perf_counter() - start < 10

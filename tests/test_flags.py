@@ -49,6 +49,10 @@ from conftest import (
         (["--learning_rate", "nan"], "--learning_rate"),
         (["--kappa", "inf"], "--kappa"),
         (["--flip_p", "1.5"], "--flip_p"),
+        (["--seed", "-5"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--resolution", "100000"], "--resolution"),
+        (["--dataloader_num_workers", "-3"], "--dataloader_num_workers"),
     ],
 )
 def test_closed_sets_and_ranges_are_argparse_errors(sd_args, flags, word, capsys):
@@ -75,6 +79,8 @@ def test_lr_scheduler_typo_fails_before_any_model_loads(sd_args, tmp_path, capsy
         (["--resolution", "33"], "--resolution"),
         (["--token_scale", "huge"], "--token_scale"),
         (["--learning_rate", "0"], "--learning_rate"),
+        (["--optimizer", "adamw", "--learning_rate", "1e38"], "--learning_rate 1e\\+38 is far beyond"),
+        (["--report_to", "comet_ml"], "--report_to comet_ml needs the comet_ml package: pip install comet-ml"),
     ],
 )
 def test_check_args_names_the_flag(sd_args, flags, word):
@@ -244,7 +250,7 @@ def test_num_train_epochs_alone_trains_whole_epochs(sd_args, tmp_path):
     assert run_inprocess(argv, recorder).global_step == 8
     assert recorder.steps == list(range(1, 9))  # 4 images x 2 repeats = 8 samples, batch 2: 4 steps an epoch, 2 epochs
     argv[argv.index("--num_train_epochs") + 1] = "1"
-    assert run_inprocess(argv).global_step == 4
+    assert run_inprocess(argv + ["--overwrite_output_dir"]).global_step == 4
 
 
 def test_lr_warmup_steps_default_is_zero():
@@ -308,3 +314,55 @@ def test_dti_debug_shows_the_cause_of_an_error(sd_args, tmp_path, capsys, monkey
         assert any(line.startswith("dti_utils.DTIError: Checkpoint ") for line in err)
     else:
         assert not tracebacks and len([line for line in err if line.startswith("error:")]) == 1
+
+
+def test_a_resolution_beyond_this_machines_memory_is_refused(sd_args, monkeypatch):
+    """Before: --resolution 100000 ran into a MemoryError traceback. Here the machine reports 2 GiB."""
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2 * 2**30 // 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    with pytest.raises(dti_utils.DTIError, match="--resolution 8192 needs about 4 GiB .* has 2 GiB; use at most 5792"):
+        train_module().parse_args(sd_args("--resolution", "8192"))
+    assert train_module().parse_args(sd_args("--resolution", "4096")).resolution == 4096  # 1 GiB fits
+
+
+def test_a_tokenizer_or_variant_that_is_not_there_is_one_sentence(sd_args, tmp_path, tiny_sd, capsys):
+    """Before: tracebacks from transformers and diffusers after the models began to load."""
+    cases = [
+        (["--tokenizer_name", str(tmp_path / "nowhere")], ["--tokenizer_name", "does not exist"]),
+        (["--tokenizer_name", "someone/no-such-tokenizer"], ["not in the local Hugging Face cache", "HF_HUB_OFFLINE"]),
+        (["--tokenizer_name", str(tiny_sd)], ["--tokenizer_name", "holds no tokenizer files"]),
+        (["--variant", "fp16"], ["--variant fp16", "unet has no fp16 weight files", "drop --variant"]),
+    ]
+    for flags, words in cases:
+        assert run_cli_inprocess(sd_args(*flags, out=tmp_path / "out")) == 2
+        one_error(capsys, *words)
+        assert not (tmp_path / "out").exists()
+
+
+def test_validation_epochs_is_turned_into_steps(sd_args, tmp_path, caplog):
+    """diffusers' deprecated --validation_epochs was refused; now one epoch (4 images x 1 repeat, batch 1: 4 steps)
+    validates at step 4, and the final validation comes at step 6."""
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "out"
+    flags = ("--validation_epochs", "1", "--repeats", "1", "--validation_prompt", f"a photo of {PLACEHOLDER}")
+    run_inprocess(sd_args(*flags, steps=6, out=out))
+    assert sorted(os.listdir(out / "validation")) == ["step-000004-0.png", "step-000006-0.png"]
+    assert any("validating every 4 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_capitalised_placeholder_is_trained_as_the_tokenizer_reads_it(sd_args, tmp_path, tiny_sd, caplog):
+    """Before: '<Cat-Toy>' with 2 vectors: CLIP's tokenizer lowercases prompts while the added tokens kept their case,
+    so diffusers' load_textual_inversion (and the validation images) used 1 of the 2 vectors."""
+    from diffusers import StableDiffusionPipeline
+
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "out"
+    flags = ("--placeholder_token", "<Cat-Toy>", "--num_vectors", "2", "--validation_prompt", "a <Cat-Toy> toy")
+    result = run_inprocess(sd_args(*flags, steps=1, out=out))
+    assert result.embeddings[0].tokens == ["<cat-toy>", "<cat-toy>_1"]
+    assert any("'<Cat-Toy>' is trained as '<cat-toy>'" in r.getMessage() for r in caplog.records)
+    tensors, _ = read_embeds(out / "learned_embeds.safetensors")
+    assert list(tensors) == ["<cat-toy>"] and tensors["<cat-toy>"].shape[0] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(out))
+    assert pipe.maybe_convert_prompt("a <cat-toy> toy", pipe.tokenizer) == "a <cat-toy> <cat-toy>_1 toy"

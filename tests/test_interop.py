@@ -634,6 +634,13 @@ def test_sdxl_card_from_the_training_run(fp16_run):
     assert 'hf_hub_download("tester/toy-sdxl", "toy-ti.bin")' in single and 'state["clip_g"]' in single
     assert 'pipe("a \\"quoted\\" <toy> in a street")' in single  # the prompt's quotes stay valid Python
     assert "`embedding:toy-ti`" in text and "Not `learned_embeds.bin` or `learned_embeds_2.bin`" in text
+    # Before: the template's TODO lines stayed, and the local base's absolute path was in the title and snippets.
+    base = os.path.basename(os.path.normpath(fp16_run.base))
+    assert "TODO" not in text and os.path.dirname(os.path.abspath(fp16_run.base)) not in text
+    assert f"Directional Textual Inversion (DTI) on {base}\n" in text and f'from_pretrained("{base}"' in two_calls
+    assert f"`{base}` is the base model's folder on the machine that trained this embedding" in text
+    assert "## Training details" in text and "| steps | 1 |" in text and "| mixed precision | fp16 |" in text
+    assert "#### Limitations and bias" in text
 
 
 def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):

@@ -19,6 +19,7 @@ from conftest import (
     PLACEHOLDER,
     StepRecorder,
     angle,
+    disk_state,
     error_lines,
     one_error,
     read_embeds,
@@ -263,3 +264,33 @@ def test_checkpoint_with_other_vector_width_is_refused(sd_args, copied, capsys):
     capsys.readouterr()
     assert run_cli_inprocess(sd_args("--resume_from_checkpoint", "latest", steps=6, out=out)) == 2
     one_error(capsys, "checkpoint-4", "(1, 48)", "base model")
+
+
+def test_the_same_flags_written_differently_resume(sd_args, copied, capsys):
+    """Before: an explicit --num_vectors 1 (what the run had resolved) was refused as 'None vs 1', and the initializer
+    'Toy' as another than 'toy', though CLIP's tokenizer reads both as one token."""
+    recorder = StepRecorder()
+    argv = sd_args("--resume_from_checkpoint", "latest", "--num_vectors", "1", "--initializer_token", "Toy", steps=6)
+    result = run_inprocess(argv + ["--output_dir", copied], recorder)
+    assert recorder.steps == [5, 6] and result.global_step == 6
+
+
+def test_a_checkpoint_of_the_other_script_is_refused_before_the_models_load(
+    sd_args, copied, tiny_sd, tiny_sdxl, example_images, tmp_path, capsys
+):
+    """Before: an SD checkpoint given to the SDXL script (and the reverse) failed after the models had loaded, naming
+    only the vectors' shapes. Now one sentence names the script that made it; nothing changes on disk."""
+    import train_directional_textual_inversion_sdxl as sdxl
+
+    before = disk_state(copied)
+    argv = sd_argv(tiny_sdxl, example_images, copied, "--resume_from_checkpoint", "latest", steps=6)
+    assert run_cli_inprocess(argv, module=sdxl) == 2
+    one_error(capsys, "was made by train_directional_textual_inversion.py", "resume it with that script")
+    assert disk_state(copied) == before
+
+    xl = tmp_path / "xl"
+    run_inprocess(sd_argv(tiny_sdxl, example_images, xl, "--checkpointing_steps", "1", steps=1), module=sdxl)
+    before = disk_state(xl)
+    assert run_cli_inprocess(sd_args("--resume_from_checkpoint", "latest", steps=2, out=xl)) == 2
+    one_error(capsys, "was made by train_directional_textual_inversion_sdxl.py", "resume it with that script")
+    assert disk_state(xl) == before

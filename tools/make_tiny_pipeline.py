@@ -110,8 +110,13 @@ def make_tiny_sd(output_dir, seed=0):
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    scheduler = DDPMScheduler(  # SD 1.5's own scheduler config (steps_offset 1, no clip_sample)
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        clip_sample=False,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -309,6 +314,11 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # Quiet: transformers' notices about torchvision and about random configs, and its shard-writing progress bars.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     if args.sdxl:
         make_tiny_sdxl(args.output, seed=args.seed)
     else:
