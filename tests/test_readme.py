@@ -2,6 +2,7 @@
 code uses current diffusers arguments."""
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -118,3 +119,20 @@ def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_
     )
     assert result.data.num_images == 6
     assert load_file(out / "learned_embeds.safetensors")["<cat-toy>"].shape == (1, 32)
+
+
+def test_the_readme_quotes_the_benchmark_results_kept_in_the_repository():
+    """Every results folder holds the raw JSON of its rows, and the README quotes its table as the JSON gives it."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    folders = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*")))
+    assert folders
+    for folder in folders:
+        rows = [
+            line for line in open(os.path.join(folder, "table.md")).read().splitlines() if line.startswith("| NVIDIA")
+        ]
+        assert rows and all(row in readme for row in rows)
+        assert f"benchmarks/results/{os.path.basename(folder)}/" in readme
+        for name in ("sd15.json", "sdxl.json"):
+            result = json.load(open(os.path.join(folder, name)))
+            ours = f"{result['project']['ms_per_step']:.1f} | {result['speedup']:.2f}x"
+            assert any(ours in row for row in rows), (name, ours)
