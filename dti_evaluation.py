@@ -150,10 +150,11 @@ def generation_settings(protocol, family, index, *, device, steps, guidance, res
             "mixed_precision": precision,
             "seeds": seeds,
         }
+        flags = {"seeds": "--seeds/--first_seed: seeds"}
         deviations = [
-            f"--{k} {v} (paper: {paper.get(k, 'the pipeline default')})"
+            f"{flags.get(k, '--' + k)} {v} (paper: {paper[k]})"
             for k, v in chosen.items()
-            if v is not None and v != paper.get(k)
+            if v is not None and v != paper[k]
         ]
         call.update({k: chosen[k] for k in ("num_inference_steps", "guidance_scale") if chosen[k] is not None})
         precision = precision or "bf16"

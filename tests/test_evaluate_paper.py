@@ -140,7 +140,7 @@ def test_generation_settings_per_family_and_protocol():
         "paper", "sd", index, device=cpu, seeds=[0], **{**none, "steps": 2}
     )
     assert call == {"num_inference_steps": 2, "guidance_scale": 7.5}
-    assert [d.split()[0] for d in deviations] == ["--num_inference_steps", "--seeds"]
+    assert [d.split()[0] for d in deviations] == ["--num_inference_steps", "--seeds/--first_seed:"]
     settings, call, deviations = dti_evaluation.generation_settings(
         "quick", "sd", index, device=cpu, seeds=[0], **none
     )
@@ -187,7 +187,7 @@ def test_paper_text_score_by_hand_and_masks_zero_the_background(tiny_sd, encoder
         "bf16",
     )
     assert g["image_size"] == [32, 32] and result["seeds"] == [0, 1]
-    assert [d.split()[0] for d in result["deviations"]] == ["--num_inference_steps", "--seeds"]
+    assert [d.split()[0] for d in result["deviations"]] == ["--num_inference_steps", "--seeds/--first_seed:"]
     assert result["scoring"] == {"text_score": "sigmoid", "text_length": 64, "full_stop": True, "batch_size": 4}
 
     references = [Image.open(tmp_path / "refs" / f"{i:02d}.jpg").convert("RGB") for i in range(2)]
