@@ -27,6 +27,7 @@ import dti_files
 import dti_metrics
 import dti_report
 import evaluate_dti
+from dti_utils import DTIError
 
 from conftest import cos, error_lines, noise_image
 
@@ -90,7 +91,7 @@ def test_prompt_files_text_json_sets_and_the_live_rule(tmp_path):
         "style": {"object": ["{} style"], "live": ["{} style"]},
         "mine": {"object": ["a {} at night"], "live": ["a {} at night"]},
     }
-    with pytest.raises(dti_evaluation.DTIError, match="names the set 'simple' twice"):
+    with pytest.raises(DTIError, match="names the set 'simple' twice"):
         dti_evaluation.read_prompt_sets([str(tmp_path / "sets.json"), "simple"])  # the file's and the built-in one
     chosen = dti_evaluation.read_prompt_sets([str(tmp_path / "sets.json")], ["simple"])
     assert list(chosen) == ["simple"]
@@ -263,6 +264,22 @@ def runs(tiny_sd, tmp_path):
         json.dumps({"simple": {"object": ["a {} on a rock"], "live": ["a {} wearing a hat"]}, "style": ["{} style"]})
     )
     return tmp_path
+
+
+def test_runs_without_subjects_file_read_the_class_word_from_the_run(runs, tiny_sd):
+    """One subject, its photos from --reference_images: the class word is the run's initializer (in the embedding's
+    metadata) unless --class_word says otherwise; the final embedding without --sweep, every step with it."""
+    base = ["--model", tiny_sd, "--runs", runs / "outputs" / "dti" / "dog_a", runs / "outputs" / "ti" / "dog_a"]
+    base += ["--reference_images", runs / "data" / "dreambooth" / "dog_a"]
+    subjects, entries = evaluate_dti.run_entries(evaluate_dti.parse_args([str(a) for a in base]))
+    assert subjects["dog_a"]["class"] == "dog"
+    assert sorted((e.method, e.step, e.slug) for e in entries) == [
+        ("dti", 4, "dti/dog_a/final"),
+        ("ti", 4, "ti/dog_a/final"),
+    ]
+    argv = [str(a) for a in base + ["--class_word", "puppy", "--sweep", 1]]
+    subjects, entries = evaluate_dti.run_entries(evaluate_dti.parse_args(argv))
+    assert subjects["dog_a"]["class"] == "puppy" and sorted(e.step for e in entries) == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 class Page(html.parser.HTMLParser):
