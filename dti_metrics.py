@@ -3,6 +3,11 @@
 Text fidelity compares a generated image with its prompt (the placeholder replaced by the class word) through an
 image-text model (CLIP, SigLIP); subject fidelity compares it with the reference photos through an image model
 (DINOv2, CLIP). Each encoder loads once; features are unit rows, so scores are matrix products.
+
+Two scorings (SCORINGS): "quick", this project's (cosines of CLIP-L, SigLIP so400m and DINOv2), and "paper", the
+authors' evaluation of arXiv 2512.13672 (kunheek/dti): SigLIP base patch16-512 read as a probability,
+sigmoid(exp(logit_scale) * cos + logit_bias), of the prompt with the class word and a full stop, and DINOv2 (and CLIP
+image-image) against reference photos whose background a mask has zeroed (`apply_mask`).
 """
 
 import math
@@ -22,10 +27,17 @@ __all__ = [
     "DEFAULT_ENCODERS",
     "METRICS",
     "TEXT_METRICS",
+    "PAPER_ENCODERS",
+    "PAPER_METRICS",
+    "Scoring",
+    "SCORINGS",
     "encoder_ids",
+    "scoring_text",
+    "apply_mask",
     "Encoder",
     "cosine_matrix",
     "text_fidelity",
+    "sigmoid_text_fidelity",
     "subject_fidelity",
     "batches",
     "FidelityScorer",
@@ -57,10 +69,51 @@ METRICS = {
 }
 TEXT_METRICS = [m for m in METRICS if m.startswith("text_")]
 
+# The authors' evaluation: their scripts/evaluate.py scores text with SigLIP base patch16-512 and subjects with
+# DINOv2 base; CLIP image-image is their CLIPImageSimilarity class (default ViT-B/32), which evaluate.py never calls.
+PAPER_ENCODERS = {
+    "clip": "openai/clip-vit-base-patch32",
+    "siglip": "google/siglip-base-patch16-512",
+    "dino": "facebook/dinov2-base",
+}
+PAPER_METRICS = {
+    "text_siglip": (
+        "siglip",
+        "SigLIP sigmoid(exp(logit_scale) * cosine + logit_bias) to the prompt with the class word in the token's "
+        "place and a full stop (the authors' text score)",
+    ),
+    "subject_dino": (
+        "dino",
+        "DINOv2 (CLS token after the final layer norm) cosine similarity, mean over the (masked) reference images",
+    ),
+    "subject_clip": ("clip", "CLIP image-image cosine similarity, mean over the (masked) reference images"),
+}
 
-def encoder_ids(specs=(), flag="--evaluation_models"):
-    """{"clip", "siglip", "dino": model id or None}: DEFAULT_ENCODERS updated with NAME=ID strings (ID none skips)."""
-    ids = dict(DEFAULT_ENCODERS)
+
+class Scoring:
+    """How a protocol scores: its default encoders, its metrics ({name: (encoder, description)}), the text score
+    ("cosine" or "sigmoid": SigLIP's own probability), the text length in tokens (None: the model's) and whether the
+    scored text ends with a full stop."""
+
+    def __init__(self, encoders, metrics, text_score, text_length=None, full_stop=False):
+        self.encoders, self.metrics = dict(encoders), dict(metrics)
+        self.text_score, self.text_length, self.full_stop = text_score, text_length, full_stop
+
+    def describe(self):
+        return {"text_score": self.text_score, "text_length": self.text_length, "full_stop": self.full_stop}
+
+
+SCORINGS = {
+    "quick": Scoring(DEFAULT_ENCODERS, METRICS, "cosine"),
+    # the authors' processor call: padding="max_length", max_length=64
+    "paper": Scoring(PAPER_ENCODERS, PAPER_METRICS, "sigmoid", text_length=64, full_stop=True),
+}
+
+
+def encoder_ids(specs=(), flag="--evaluation_models", defaults=None):
+    """{"clip", "siglip", "dino": model id or None}: `defaults` (DEFAULT_ENCODERS) updated with NAME=ID strings (ID
+    none skips)."""
+    ids = dict(defaults or DEFAULT_ENCODERS)
     for spec in specs:
         name, sep, model_id = spec.partition("=")
         if not sep or name not in ids or not model_id:
@@ -70,6 +123,20 @@ def encoder_ids(specs=(), flag="--evaluation_models"):
             )
         ids[name] = model_id
     return {name: None if model_id.lower() == "none" else model_id for name, model_id in ids.items()}
+
+
+def scoring_text(template, class_word, full_stop=False):
+    """The text an image is scored against: its prompt template with the class word in place of {}, and with
+    full_stop a trailing "." as the authors write it ("a dog in the jungle.")."""
+    text = template.replace("{}", class_word)
+    return f"{text}." if full_stop else text
+
+
+def apply_mask(image, mask):
+    """The reference photo with its background zeroed as the authors' evaluation does it: the RGB mask / 255
+    multiplied into the full-resolution pixels (a soft mask, no threshold), cut to uint8, before any resize."""
+    pixels = np.asarray(image.convert("RGB")) * (np.asarray(mask.convert("RGB")) / 255.0)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _pooled(output):
@@ -118,12 +185,32 @@ class Encoder:
             features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
         return F.normalize(features.float(), dim=-1)
 
+    def check_sigmoid(self, flag):
+        """The model has SigLIP's logit_bias (read from its config, before any weights load), or one sentence."""
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(self.model_id, cache_dir=self.cache_dir).model_type
+        except (OSError, ValueError) as e:
+            raise DTIError(f"{flag}{self.model_id}: its config could not be read ({type(e).__name__}).") from e
+        if not model_type.startswith("siglip"):
+            raise DTIError(
+                f"{flag}{self.model_id} is a {model_type} model, but the paper's text score is SigLIP's "
+                "sigmoid(logit_scale, logit_bias); pass a SigLIP model (google/siglip-base-patch16-512) or none."
+            )
+
+    def logit_scale_and_bias(self):
+        """SigLIP's exp(logit_scale) and logit_bias, as floats."""
+        self.load()
+        return float(self.model.logit_scale.detach().float().exp()), float(self.model.logit_bias.detach().float())
+
     @torch.no_grad()
-    def text_features(self, texts):
-        """Unit rows (n, d) of projected text embeddings; padded to the model's length, as SigLIP was trained."""
+    def text_features(self, texts, length=None):
+        """Unit rows (n, d) of projected text embeddings, padded to `length` tokens (None: the model's length, as
+        SigLIP was trained)."""
         self.load()
         tokenizer = self.processor.tokenizer
-        length = min(tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        length = length or min(tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         ids = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         ids = ids.input_ids.to(self.device)
         return F.normalize(_pooled(self.model.get_text_features(input_ids=ids)).float(), dim=-1)
@@ -139,6 +226,12 @@ def text_fidelity(image_features, text_features):
     return (F.normalize(image_features.float(), dim=-1) * F.normalize(text_features.float(), dim=-1)).sum(-1)
 
 
+def sigmoid_text_fidelity(image_features, text_features, scale, bias):
+    """Per image: SigLIP's probability that it matches its own text, sigmoid(scale * cosine + bias) with the model's
+    scale = exp(logit_scale) and bias = logit_bias (the diagonal of sigmoid(logits_per_image))."""
+    return torch.sigmoid(scale * text_fidelity(image_features, text_features) + bias)
+
+
 def subject_fidelity(image_features, reference_features):
     """Per image: its mean cosine over the reference images."""
     return cosine_matrix(image_features, reference_features).mean(dim=1)
@@ -150,14 +243,18 @@ def batches(items, size):
 
 
 class FidelityScorer:
-    """The encoders, loaded once, and the four metrics (METRICS) of a list of images against their texts and the
-    reference images. model_ids: {"clip", "siglip", "dino": id or None}."""
+    """The encoders, loaded once, and a scoring's metrics (SCORINGS: quick, the four METRICS; paper, PAPER_METRICS) of
+    a list of images against their texts and the reference images. model_ids: {"clip", "siglip", "dino": id or
+    None}."""
 
-    def __init__(self, model_ids, device="cpu", cache_dir=None, batch_size=16, flag="--{}_model "):
+    def __init__(self, model_ids, device="cpu", cache_dir=None, batch_size=16, flag="--{}_model ", scoring="quick"):
+        self.scoring = SCORINGS[scoring]
         self.encoders = {
             name: Encoder(name, model_id, device, cache_dir, flag) for name, model_id in model_ids.items() if model_id
         }
-        self.metrics = [m for m, (name, _) in METRICS.items() if name in self.encoders]
+        self.metrics = [m for m, (name, _) in self.scoring.metrics.items() if name in self.encoders]
+        if self.scoring.text_score == "sigmoid" and "siglip" in self.encoders:
+            self.encoders["siglip"].check_sigmoid(flag.format("siglip"))
         self.batch_size = batch_size
 
     def _image_features(self, encoder, images):
@@ -165,20 +262,25 @@ class FidelityScorer:
 
     def reference_features(self, images):
         """{encoder name: unit features} of the reference images, for every encoder a subject metric uses."""
-        names = {METRICS[m][0] for m in self.metrics if m.startswith("subject_")}
+        names = {self.scoring.metrics[m][0] for m in self.metrics if m.startswith("subject_")}
         return {name: self._image_features(self.encoders[name], images) for name in names}
 
     def score(self, images, texts, reference):
         """{metric: float64 numpy array, one score per image}."""
-        features = {name: self._image_features(encoder, images) for name, encoder in self.encoders.items()}
+        used = {self.scoring.metrics[m][0] for m in self.metrics}
+        features = {name: self._image_features(self.encoders[name], images) for name in used}
         scores = {}
         for metric in self.metrics:
-            name = METRICS[metric][0]
+            name = self.scoring.metrics[metric][0]
             if metric.startswith("text_"):
+                encoder, length = self.encoders[name], self.scoring.text_length
                 text = torch.cat(
-                    [self.encoders[name].text_features(chunk) for chunk in batches(list(texts), self.batch_size)]
+                    [encoder.text_features(chunk, length) for chunk in batches(list(texts), self.batch_size)]
                 )
-                scores[metric] = text_fidelity(features[name], text)
+                if self.scoring.text_score == "sigmoid":
+                    scores[metric] = sigmoid_text_fidelity(features[name], text, *encoder.logit_scale_and_bias())
+                else:
+                    scores[metric] = text_fidelity(features[name], text)
             else:
                 scores[metric] = subject_fidelity(features[name], reference[name])
         return {m: s.double().cpu().numpy() for m, s in scores.items()}

@@ -1,12 +1,14 @@
 """Shared fixtures: tiny random SD and SDXL pipelines and example images built offline; helpers that run the
 training script in-process (fast) or through its real entry point (a subprocess); the scripts' defaults read from
-their own parsers (script_defaults), and the one angle between vectors every test measures with (angle).
+their own parsers (script_defaults), the one angle between vectors every test measures with (angle), and tiny random
+scoring encoders with their features computed by hand from the models' layers (encoders, by_hand).
 
 Nothing here may reach the Hugging Face Hub: the offline switches are set before any HF library is imported.
 """
 
 import functools
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -49,6 +51,7 @@ for _path in (os.path.join(REPO_ROOT, "benchmarks"), TOOLS_DIR, REPO_ROOT):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; pytest-xdist runs one worker per core
@@ -320,3 +323,85 @@ def disk_state(folder):
     that nothing on disk changed, by time and by content."""
     paths = [p for p in glob.glob(os.path.join(str(folder), "**"), recursive=True) if os.path.isfile(p)]
     return {p: (os.path.getmtime(p), open(p, "rb").read()) for p in sorted(paths)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring encoders (tiny random CLIP, SigLIP, DINOv2) and their features computed by hand
+# ----------------------------------------------------------------------------------------------------
+
+CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory):
+    from make_tiny_pipeline import make_tiny_encoders
+
+    return make_tiny_encoders(str(tmp_path_factory.mktemp("encoders")))
+
+
+def pixels(image, mean, std):
+    """A 32 x 32 image as the processors should make it (no resize at this size): (1, 3, 32, 32) float32."""
+    x = (np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0 - mean) / std
+    return torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
+
+
+def cos(a, b):
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+class ByHand:
+    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2
+    CLS."""
+
+    def __init__(self, encoders):
+        from transformers import AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
+
+        self.clip, self.siglip, self.dino = (
+            cls.from_pretrained(encoders[k]).eval()
+            for cls, k in ((CLIPModel, "clip"), (SiglipModel, "siglip"), (Dinov2Model, "dino"))
+        )
+        self.clip_tok, self.siglip_tok = (
+            AutoTokenizer.from_pretrained(encoders["clip"]),
+            AutoTokenizer.from_pretrained(encoders["siglip"]),
+        )
+
+    @torch.no_grad()
+    def clip_image(self, image):
+        return self.clip.visual_projection(
+            self.clip.vision_model(pixel_values=pixels(image, CLIP_MEAN, CLIP_STD)).pooler_output
+        )
+
+    @torch.no_grad()
+    def clip_text(self, text):
+        ids = self.clip_tok([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return self.clip.text_projection(self.clip.text_model(input_ids=ids).pooler_output)
+
+    @torch.no_grad()
+    def siglip_image(self, image):
+        return self.siglip.vision_model(pixel_values=pixels(image, 0.5, 0.5)).pooler_output
+
+    @torch.no_grad()
+    def siglip_text(self, text):
+        ids = self.siglip_tok([text], padding="max_length", max_length=64, return_tensors="pt").input_ids
+        assert ids[0, -1].item() == 1  # padded with </s>, as SigLIP was trained
+        return self.siglip.text_model(input_ids=ids).pooler_output
+
+    def siglip_probability(self, image, text):
+        """SigLIP's own reading, in float64: sigmoid(exp(logit_scale) * cos + logit_bias)."""
+        scale, bias = float(self.siglip.logit_scale.exp()), float(self.siglip.logit_bias)
+        return 1.0 / (1.0 + math.exp(-(scale * cos(self.siglip_image(image), self.siglip_text(text)) + bias)))
+
+    @torch.no_grad()
+    def dino_image(self, image):
+        return self.dino(pixel_values=pixels(image, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state[:, 0]
+
+
+@pytest.fixture(scope="session")
+def by_hand(encoders):
+    return ByHand(encoders)
+
+
+def noise_image(seed, size=32):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))

@@ -4,8 +4,8 @@
 Tiny random CLIP, SigLIP and DINOv2 models are built from configs (tools/make_tiny_pipeline.py). SigLIP's real
 tokenizer is SentencePiece (it needs the sentencepiece package and a trained model file); the tiny one is a Unigram
 tokenizer built with `tokenizers` in the same form (word marks, lower case, "</s>" at the end and as padding). The
-metric code only sees its input ids. Every score is checked against a computation written out here, from the
-models' own layers and numpy, with the preprocessing done by hand."""
+metric code only sees its input ids. Every score is checked against a computation written out in conftest (ByHand),
+from the models' own layers and numpy, with the preprocessing done by hand."""
 
 import csv
 import glob
@@ -21,84 +21,12 @@ from safetensors.torch import load_file, save_file
 
 import dti_cli
 import dti_concepts
+import dti_evaluation
 import dti_metrics
 import evaluate_dti
 from dti_utils import DTIError
 
-from conftest import PLACEHOLDER, error_lines, one_error, run_inprocess
-
-
-CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
-IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-@pytest.fixture(scope="session")
-def encoders(tmp_path_factory):
-    from make_tiny_pipeline import make_tiny_encoders
-
-    return make_tiny_encoders(str(tmp_path_factory.mktemp("encoders")))
-
-
-def pixels(image, mean, std):
-    """A 32 x 32 image as the processors should make it (no resize at this size): (1, 3, 32, 32) float32."""
-    x = (np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0 - mean) / std
-    return torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
-
-
-def cos(a, b):
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
-class ByHand:
-    """Features straight from the tiny models' layers: projected CLIP image/text, SigLIP pooled image/text, DINOv2
-    CLS."""
-
-    def __init__(self, encoders):
-        from transformers import AutoTokenizer, CLIPModel, Dinov2Model, SiglipModel
-
-        self.clip, self.siglip, self.dino = (
-            cls.from_pretrained(encoders[k]).eval()
-            for cls, k in ((CLIPModel, "clip"), (SiglipModel, "siglip"), (Dinov2Model, "dino"))
-        )
-        self.clip_tok, self.siglip_tok = (
-            AutoTokenizer.from_pretrained(encoders["clip"]),
-            AutoTokenizer.from_pretrained(encoders["siglip"]),
-        )
-
-    @torch.no_grad()
-    def clip_image(self, image):
-        return self.clip.visual_projection(
-            self.clip.vision_model(pixel_values=pixels(image, CLIP_MEAN, CLIP_STD)).pooler_output
-        )
-
-    @torch.no_grad()
-    def clip_text(self, text):
-        ids = self.clip_tok([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
-        return self.clip.text_projection(self.clip.text_model(input_ids=ids).pooler_output)
-
-    @torch.no_grad()
-    def siglip_image(self, image):
-        return self.siglip.vision_model(pixel_values=pixels(image, 0.5, 0.5)).pooler_output
-
-    @torch.no_grad()
-    def siglip_text(self, text):
-        ids = self.siglip_tok([text], padding="max_length", max_length=16, return_tensors="pt").input_ids
-        assert ids[0, -1].item() == 1  # padded with </s>, as SigLIP was trained
-        return self.siglip.text_model(input_ids=ids).pooler_output
-
-    @torch.no_grad()
-    def dino_image(self, image):
-        return self.dino(pixel_values=pixels(image, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state[:, 0]
-
-
-@pytest.fixture(scope="session")
-def by_hand(encoders):
-    return ByHand(encoders)
-
-
-def noise_image(seed, size=32):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+from conftest import PLACEHOLDER, cos, error_lines, noise_image, one_error, run_inprocess
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,11 +35,11 @@ def noise_image(seed, size=32):
 
 
 def test_scores_equal_the_cosines_of_the_encoders_outputs(encoders, by_hand):
-    scorer = evaluate_dti.FidelityScorer(encoders)
+    scorer = dti_metrics.FidelityScorer(encoders)
     images, references = [noise_image(1), noise_image(2)], [noise_image(3), noise_image(4), noise_image(5)]
     texts = ["a photo of a toy in a city street", "a red car"]
     scores = scorer.score(images, texts, scorer.reference_features(references))
-    assert sorted(scores) == sorted(evaluate_dti.METRICS)
+    assert sorted(scores) == sorted(dti_metrics.METRICS)
     for i, (image, text) in enumerate(zip(images, texts)):
         assert scores["text_clip"][i] == pytest.approx(
             cos(by_hand.clip_image(image), by_hand.clip_text(text)), abs=1e-5
@@ -128,7 +56,7 @@ def test_scores_equal_the_cosines_of_the_encoders_outputs(encoders, by_hand):
 
 
 def test_subject_score_of_identical_images_is_one_and_pairwise_means_are_symmetric(encoders):
-    scorer = evaluate_dti.FidelityScorer({"clip": encoders["clip"], "siglip": None, "dino": encoders["dino"]})
+    scorer = dti_metrics.FidelityScorer({"clip": encoders["clip"], "siglip": None, "dino": encoders["dino"]})
     a, b = [noise_image(6), noise_image(7)], [noise_image(8), noise_image(9), noise_image(10)]
     same = scorer.score(a, ["x", "y"], scorer.reference_features(a[:1]))
     assert same["subject_dino"][0] == pytest.approx(1.0, abs=1e-6) and same["subject_clip"][0] == pytest.approx(
@@ -148,8 +76,8 @@ def test_subject_score_of_identical_images_is_one_and_pairwise_means_are_symmetr
 
 def test_summary_is_mean_and_standard_error():
     values = [0.2, 0.25, 0.4, 0.1]
-    assert evaluate_dti.summary(values) == pytest.approx({"mean": 0.2375, "se": float(np.std(values, ddof=1) / 2)})
-    assert evaluate_dti.summary([0.3]) == {"mean": 0.3, "se": None}
+    assert dti_metrics.summary(values) == pytest.approx({"mean": 0.2375, "se": float(np.std(values, ddof=1) / 2)})
+    assert dti_metrics.summary([0.3]) == {"mean": 0.3, "se": None}
 
 
 def test_class_prompt_replaces_the_placeholder_and_its_numbered_tokens():
@@ -236,12 +164,13 @@ def test_end_to_end_layout_json_csv_grid_and_resume(eval_inputs, by_hand):
     assert [e["label"] for e in result["embeddings"]] == ["dti", "ti"] and result["seeds"] == [0, 1]
     assert [e["method"] for e in result["embeddings"]] == ["DTI", "unknown"]
     assert result["embeddings"][1]["norm"]["text_encoder"] == pytest.approx(3.0, rel=1e-6)
-    assert result["prompt_sets"] == {"mine": ["a photo of a {}", "a {} in a Japanese modern city street"]}
+    mine = ["a photo of a {}", "a {} in a Japanese modern city street"]
+    assert result["prompt_sets"] == {"mine": {"object": mine, "live": mine}} and result["protocol"] == "quick"
     # Per prompt: mean and standard error of its images' scores; one image's score against the by-hand cosine.
     references = [Image.open(out.parent / "refs" / f"{i}.png") for i in range(2)]
     for e in result["embeddings"]:
         for p in e["sets"]["mine"]["prompts"]:
-            for metric in evaluate_dti.METRICS:
+            for metric in dti_metrics.METRICS:
                 values = [image[metric] for image in p["images"]]
                 assert p["scores"][metric]["mean"] == pytest.approx(np.mean(values), abs=1e-12)
                 assert p["scores"][metric]["se"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(2), abs=1e-12)
@@ -289,9 +218,9 @@ def test_end_to_end_layout_json_csv_grid_and_resume(eval_inputs, by_hand):
 
 def test_checkpoint_gives_the_vectors_saved_at_its_step(sd_args, tiny_sd, tmp_path):
     run_inprocess(sd_args("--checkpointing_steps", 2, "--save_steps", 2, steps=2))
-    concept, label, run = evaluate_dti.load_embedding(str(tmp_path / "out" / "checkpoint-2"))
+    concept, label, run = dti_evaluation.load_embedding(str(tmp_path / "out" / "checkpoint-2"))
     assert label == "out@2" and run == ("out", 2)
-    vectors = evaluate_dti.apply_checkpoint_norm(concept, tiny_sd).vectors["text_encoder"]
+    vectors = dti_evaluation.apply_checkpoint_norm(concept, tiny_sd).vectors["text_encoder"]
     saved = load_file(tmp_path / "out" / "learned_embeds-steps-2.safetensors")[PLACEHOLDER]
     assert torch.allclose(vectors, saved, rtol=0, atol=1e-6)
     assert vectors.norm(dim=-1).item() == pytest.approx(vocab_mean(tiny_sd), rel=1e-6)
@@ -372,7 +301,7 @@ def test_evaluate_steps_logs_the_scores_to_the_tracker(sd_args, encoders, by_han
         for tag in accumulator.Tags()["scalars"]:
             logged.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
     logged = {tag: steps for tag, steps in logged.items() if tag.startswith("eval/")}
-    assert sorted(logged) == sorted(f"eval/{m}" for m in evaluate_dti.METRICS)
+    assert sorted(logged) == sorted(f"eval/{m}" for m in dti_metrics.METRICS)
     assert all(sorted(steps) == [2, 3] for steps in logged.values())  # every 2nd step and the end
     image = Image.open(tmp_path / "out" / "validation" / "step-000002-0.png").convert("RGB")
     assert logged["eval/text_clip"][2] == pytest.approx(
@@ -452,7 +381,7 @@ def test_rescale_diffusers_output_to_the_vocabulary_mean(sd_args, tiny_sd, tmp_p
     tensors = load_file(tmp_path / "rescaled.safetensors")
     assert list(tensors) == ["<ti>"]
     assert_rescaled(tensors["<ti>"], old, vocab_norms(tiny_sd)["mean"])
-    assert evaluate_dti.describe_method(
+    assert dti_evaluation.describe_method(
         dti_concepts.read_concept(str(tmp_path / "rescaled.safetensors")).metadata["text_encoder"]
     ).startswith("TI rescaled to mean")
 

@@ -295,6 +295,7 @@ def test_help_documents_the_dti_flags():
     # How --scale_lr acts on the step: the multiplier and what it means in radians.
     assert "batch size x gradient accumulation x processes" in text
     assert "rad" in text
+    assert "adamw: default 0.005, the authors' TI baseline" in text  # the paper's TI rate, before batch scaling
 
 
 @pytest.mark.parametrize("debug", ["", "1"])

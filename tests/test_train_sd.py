@@ -31,6 +31,7 @@ from conftest import (
     sd_argv,
     subprocess_env,
     token_embedding_of,
+    train_module,
 )
 
 
@@ -299,6 +300,20 @@ def test_classic_ti_adamw_has_a_free_norm(sd_args, tmp_path, base_vocab, tokeniz
     assert not np.allclose(vector, init)  # it trained
     # AdamW's first steps move each coordinate by about lr: the embedding itself changed, unconstrained.
     assert np.abs(vector - init).max() == pytest.approx(3 * 0.05, rel=0.2)
+
+
+def test_classic_ti_default_rate_is_the_authors_ti_baseline(sd_args, tmp_path, base_vocab, tokenizer):
+    """--optimizer adamw without --learning_rate: the authors' TI baseline rate, 5e-3 before batch scaling, in both
+    scripts' parsers; a first AdamW step at batch 2 moves every coordinate by 2 x the parser's rate."""
+    import train_directional_textual_inversion_sdxl as sdxl
+
+    required = ["--placeholder_token", "<x>", "--initializer_token", "x", "--train_data_dir", "d"]
+    rates = {m.parse_args(required + ["--optimizer", "adamw"]).learning_rate for m in (train_module(), sdxl)}
+    assert rates == {5e-3}
+    run_inprocess(sd_args("--optimizer", "adamw", "--train_batch_size", "2", steps=1))
+    vector = read_embeds(tmp_path / "out" / "learned_embeds.safetensors")[0][PLACEHOLDER].double().numpy()[0]
+    step = np.abs(vector - base_vocab["weight"][vocab_id(tokenizer, "toy")])
+    assert step.max() == pytest.approx(2 * rates.pop(), rel=1e-2)  # Adam's first step: lr x sign(gradient)
 
 
 def test_scale_lr_multiplies_the_step(sd_args, tmp_path, base_vocab, tokenizer):

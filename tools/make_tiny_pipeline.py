@@ -10,6 +10,7 @@ work on a CPU without the Hub.
 """
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -203,7 +204,7 @@ def make_tiny_clip(output_dir, seed=0, image_size=32):
     return output_dir
 
 
-def tiny_unigram_tokenizer(model_max_length=16):
+def tiny_unigram_tokenizer(model_max_length=64):
     """A Unigram tokenizer with SentencePiece's "▁" word marks, lower case, "</s>" at the end and as padding: the
     form of SigLIP's tokenizer, built with `tokenizers` alone (SigLIP's own needs sentencepiece and a trained model
     file)."""
@@ -229,7 +230,9 @@ def tiny_unigram_tokenizer(model_max_length=16):
 
 
 def make_tiny_siglip(output_dir, seed=0, image_size=32):
-    """A tiny random SiglipModel with a SiglipProcessor (PIL image processor, tiny_unigram_tokenizer)."""
+    """A tiny random SiglipModel with a SiglipProcessor (PIL image processor, tiny_unigram_tokenizer): 64 text
+    positions as google/siglip-base-patch16-512, and a logit scale and bias away from transformers' zero init
+    (exp(scale) 10, bias -2: SigLIP's sigmoid score then depends on both)."""
     from transformers import SiglipConfig, SiglipModel, SiglipProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -248,7 +251,11 @@ def make_tiny_siglip(output_dir, seed=0, image_size=32):
         vision_config=dict(tower, image_size=image_size, patch_size=8),
     )
     torch.manual_seed(seed)
-    SiglipModel(config).save_pretrained(output_dir)
+    model = SiglipModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-2.0)
+    model.save_pretrained(output_dir)
     SiglipProcessor(
         image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
     ).save_pretrained(output_dir)
