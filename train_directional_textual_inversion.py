@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Directional Textual Inversion for Stable Diffusion 1.x/2.x: a drop-in for diffusers' textual_inversion.py.
 
-    accelerate launch train_directional_textual_inversion.py \
+    python train_directional_textual_inversion.py \
       --dataset_name diffusers/cat_toy_example --placeholder_token "<cat-toy>" --initializer_token toy \
       --output_dir cat-toy-dti --validation_prompt "a <cat-toy> in a Japanese modern city street"
 

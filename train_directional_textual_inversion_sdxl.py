@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Directional Textual Inversion for SDXL, on both text encoders: a drop-in for diffusers' textual_inversion_sdxl.py.
 
-    accelerate launch train_directional_textual_inversion_sdxl.py \
+    python train_directional_textual_inversion_sdxl.py \
       --train_data_dir ./cat_toy --placeholder_token "<cat-toy>" --initializer_token toy \
       --mixed_precision bf16 --output_dir cat-toy-dti-sdxl
 
