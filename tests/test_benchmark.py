@@ -223,7 +223,7 @@ def test_two_project_runs_in_one_process_learn_the_same_vectors(tmp_path):
     torch.testing.assert_close(second["vectors"], first["vectors"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("model", ["sana"])
+@pytest.mark.parametrize("model", ["sana", "wan"])
 def test_family_benchmark_runs_the_authors_step_and_the_script_in_one_process(model, tmp_path, capsys, request):
     """--model sana / wan --tiny on the CPU, in this process: the reproduction of the authors' step (the VAE and the
     full-length text encoding every micro-batch) and the script's own main(), both 2 x 2 images a step."""
