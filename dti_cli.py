@@ -36,6 +36,7 @@ __all__ = [
     "check_variant",
     "model_resolution",
     "earlier_run_outputs",
+    "check_resolution",
     "prepare_output_dir",
     "check_data_and_output",
     # flags
@@ -47,6 +48,7 @@ __all__ = [
     "REPORT_TO",
     "DEFAULT_LEARNING_RATES",
     "add_training_args",
+    "add_text_encoder_float32_arg",
     "check_args",
 ]
 
@@ -104,13 +106,24 @@ def init_trackers(accelerator, project_name, *, config, validation_prompt=None, 
 SCRIPTS = {
     "sd": "train_directional_textual_inversion.py",
     "sdxl": "train_directional_textual_inversion_sdxl.py",
+    "sana": "train_directional_textual_inversion_sana.py",
+    "wan": "train_directional_textual_inversion_wan.py",
 }
-FAMILY_NAMES = {"sd": "a Stable Diffusion 1.x/2.x model", "sdxl": "an SDXL model"}
+FAMILY_NAMES = {
+    "sd": "a Stable Diffusion 1.x/2.x model",
+    "sdxl": "an SDXL model",
+    "sana": "a SANA model",
+    "wan": "a Wan model",
+}
 
 
 def model_family(index):
-    """ "sd" or "sdxl" from a pipeline's model_index.json (its class name and components)."""
+    """ "sd", "sdxl", "sana" or "wan" from a pipeline's model_index.json (its class name and components)."""
     name = str(index.get("_class_name", ""))
+    if name.startswith("Sana"):
+        return "sana"
+    if name.startswith("Wan"):
+        return "wan"
     return "sdxl" if "text_encoder_2" in index or "XL" in name else "sd"
 
 
@@ -231,6 +244,38 @@ def model_resolution(model, revision=None, cache_dir=None):
         ) from e
 
 
+def check_resolution(model, family, resolution, revision=None, cache_dir=None):
+    """SANA and Wan: --resolution is a multiple of the VAE's downsampling times the transformer's patch size (SANA 1.x:
+    32, Wan 2.1: 16), read from the two config files alone, before any weights load."""
+    from diffusers import AutoencoderDC, AutoencoderKLWan, SanaTransformer2DModel, WanTransformer3DModel
+
+    vae_class, transformer_class = {
+        "sana": (AutoencoderDC, SanaTransformer2DModel),
+        "wan": (AutoencoderKLWan, WanTransformer3DModel),
+    }[family]
+    try:
+        vae = vae_class.load_config(model, subfolder="vae", revision=revision, cache_dir=cache_dir)
+        transformer = transformer_class.load_config(
+            model, subfolder="transformer", revision=revision, cache_dir=cache_dir
+        )
+        if family == "sana":
+            down, patch = 2 ** (len(vae["encoder_block_out_channels"]) - 1), transformer.get("patch_size", 1)
+        else:
+            down, patch = vae.get("scale_factor_spatial", 8), transformer.get("patch_size", (1, 2, 2))[-1]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise DTIError(
+            f"The vae/transformer config of {model} cannot be read ({type(e).__name__}: {e}); pass a diffusers "
+            "pipeline folder or Hub id."
+        ) from e
+    multiple = down * patch
+    if resolution % multiple:
+        raise DTIError(
+            f"--resolution {resolution} is not a multiple of {multiple} (the VAE's {down}x downsampling times the "
+            f"transformer's patch {patch}); try {max(multiple, resolution // multiple * multiple)}."
+        )
+    return multiple
+
+
 def earlier_run_outputs(output_dir):
     """What an earlier training run left in output_dir: its checkpoint-N folders and learned_embeds* files."""
     if not os.path.isdir(output_dir):
@@ -325,7 +370,7 @@ DEFAULT_LEARNING_RATES = {"rsgd": 0.01, "adamw": 5e-3}
 MAX_LEARNING_RATE = 1.0  # rsgd: a radian a step before batch scaling; adamw: a step of the embedding's whole norm
 
 
-def _add_method_args(parser):
+def _add_method_args(parser, default_kappa):
     group = parser.add_argument_group("Directional Textual Inversion")
     group.add_argument(
         "--optimizer",
@@ -337,7 +382,7 @@ def _add_method_args(parser):
     group.add_argument(
         "--kappa",
         type=non_negative,
-        default=1e-4,
+        default=default_kappa,
         help="Concentration of the von Mises-Fisher prior around the initializer's direction; 0 disables it.",
     )
     group.add_argument(
@@ -462,10 +507,13 @@ def _add_data_args(parser, default_resolution, default_flip_p):
     )
 
 
-def _add_training_loop_args(parser):
+def _add_training_loop_args(parser, default_batch_size, default_accumulation, default_steps):
     train = parser.add_argument_group("Training")
     train.add_argument(
-        "--train_batch_size", type=positive_int, default=4, help="Batch size per device (the reference recipe uses 4)."
+        "--train_batch_size",
+        type=positive_int,
+        default=default_batch_size,
+        help=f"Batch size per device (the reference recipe uses {default_batch_size}).",
     )
     train.add_argument(
         "--num_train_epochs",
@@ -477,10 +525,14 @@ def _add_training_loop_args(parser):
         "--max_train_steps",
         type=positive_int,
         default=None,
-        help="Optimizer steps. Default: --num_train_epochs epochs if given, else 400 (the reference recipe).",
+        help=f"Optimizer steps. Default: --num_train_epochs epochs if given, else {default_steps} (the reference "
+        "recipe).",
     )
     train.add_argument(
-        "--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-batches per optimizer step."
+        "--gradient_accumulation_steps",
+        type=positive_int,
+        default=default_accumulation,
+        help="Micro-batches per optimizer step.",
     )
     train.add_argument(
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet and text encoder."
@@ -648,13 +700,24 @@ def _add_logging_and_hub_args(parser):
     )
 
 
-def add_training_args(parser, *, default_model, default_resolution, default_flip_p):
-    """The flags of diffusers' textual-inversion examples (same names and meanings) plus DTI's own. default_resolution
-    None: the model's own (`model_resolution`)."""
-    _add_method_args(parser)
+def add_training_args(
+    parser,
+    *,
+    default_model,
+    default_resolution,
+    default_flip_p,
+    default_kappa=1e-4,
+    default_batch_size=4,
+    default_accumulation=1,
+    default_steps=400,
+):
+    """The flags of diffusers' textual-inversion examples (same names and meanings) plus DTI's own, with each family's
+    recipe as defaults (SD/SDXL: kappa 1e-4, batch 4 x 1, 400 steps; the authors' SANA and Wan recipes: 5e-5, 2 x 2,
+    500). default_resolution None: the model's own (`model_resolution`)."""
+    _add_method_args(parser, default_kappa)
     _add_model_and_concept_args(parser, default_model)
     _add_data_args(parser, default_resolution, default_flip_p)
-    _add_training_loop_args(parser)
+    _add_training_loop_args(parser, default_batch_size, default_accumulation, default_steps)
     _add_optimizer_args(parser)
     _add_saving_args(parser)
     _add_logging_and_hub_args(parser)
@@ -695,9 +758,21 @@ def check_memory_for_resolution(resolution):
         )
 
 
-def check_args(args):
+def add_text_encoder_float32_arg(parser, size):
+    """SANA and Wan: --text_encoder_float32 (their text encoder runs in bf16 under --mixed_precision bf16)."""
+    parser.add_argument(
+        "--text_encoder_float32",
+        action="store_true",
+        help="Run the text encoder in float32 under --mixed_precision bf16 too (it runs in bf16 there by default, as "
+        f"the authors run it; in float32 otherwise: it overflows in fp16). Costs {size} more memory. The learned "
+        "directions and their optimizer state are float32 either way; on tiny models a bf16 encoder moved them by "
+        "under a fifth of one step's turn after 20 steps (README).",
+    )
+
+
+def check_args(args, unet=True):
     """Checks between flags that need no model: one clear sentence per problem, before anything heavy loads. Reads
-    the flags only."""
+    the flags only. unet=False: a transformer model (SANA, Wan), which CUDA graphs do not capture."""
     from diffusers.utils import is_xformers_available
 
     if args.resolution is not None and args.resolution % 8:
@@ -732,6 +807,11 @@ def check_args(args):
         raise DTIError(
             "--hub_token with --report_to wandb would expose the token in the run config; log in with "
             "`hf auth login` instead."
+        )
+    if args.cuda_graphs == "on" and not unet:
+        raise DTIError(
+            "--cuda_graphs captures the SD and SDXL UNets only; this model's transformer trains eagerly (or with "
+            "--compile): drop the flag."
         )
     if args.cuda_graphs == "on" and (args.compile or args.gradient_checkpointing):
         other = (

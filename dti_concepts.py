@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL): blend, inspect, convert, rescale.
+r"""Concept tools for textual-inversion embeddings (DTI or classic; SD, SDXL, SANA, Wan): blend, inspect, convert,
+rescale.
 
     python dti_concepts.py slerp A B --alpha 0.25 0.5 0.75 --token "<mix>" --output OUT [--render MODEL]
     python dti_concepts.py inspect EMB [--model MODEL] [--k 5] [--json]
@@ -7,7 +8,8 @@ r"""Concept tools for textual-inversion embeddings (DTI or classic, SD or SDXL):
     python dti_concepts.py rescale EMB --model MODEL --to mean|min|max|FLOAT --output OUT
 
 Inputs are training output folders, diffusers files, AUTOMATIC1111 .pt/.safetensors and the SDXL clip_l/clip_g
-single file, detected automatically (dti_files reads and writes every form). The same functions are importable:
+single file, detected automatically (dti_files reads and writes every form); SANA (Gemma-2, width 2304) and Wan
+(UMT5, width 4096) embeddings are the diffusers {token: tensor} form. The same functions are importable:
 slerp_concepts, slerp_embeddings, inspect_embedding, convert_embedding, rescale_embedding, render_interpolation.
 """
 
@@ -26,6 +28,7 @@ from dti_files import (
     CONVERT_TARGETS,
     EMBEDDING_EXTENSIONS,
     ENCODERS,
+    FAMILIES,
     SINGLE_FILE_KEYS,
     ConceptEmbedding,
     atomic_write,
@@ -33,6 +36,8 @@ from dti_files import (
     check_targets,
     diffusers_paths,
     embedding_slug,
+    load_textual_inversion,
+    pipeline_family,
     read_concept,
     stated_norm,
     write_concept,
@@ -95,6 +100,11 @@ def convert_embedding(path, to, output, overwrite=False):
     to); a file that exists is replaced only with overwrite, and the input never."""
     _check_output_type(output)
     concept = read_concept(path)
+    if to != "diffusers" and concept.family in ("sana", "wan"):
+        raise DTIError(
+            f"{path} is an embedding for {FAMILIES[concept.family]}, which AUTOMATIC1111, ComfyUI and kohya do not "
+            "load; use --to diffusers."
+        )
     if to != "diffusers":
         _check_file_name(output)
     return write_concept(concept, output, to, overwrite=overwrite, inputs=concept.files)
@@ -119,7 +129,7 @@ def _row_norms(x):
 
 def check_slerp_pair(a, b):
     """Raise DTIError when two concepts cannot be blended; warn when their norms or base models differ."""
-    if set(a.vectors) != set(b.vectors):
+    if set(a.vectors) != set(b.vectors) or None not in (a.family, b.family) and a.family != b.family:
         raise DTIError(f"{a.describe()} but {b.describe()}; slerp needs two embeddings for the same kind of model.")
     for name in a.vectors:
         va, vb = a.vectors[name], b.vectors[name]
@@ -197,6 +207,8 @@ def slerp_concepts(a, b, alpha, token):
         base = a.metadata[name].get("base_model") or b.metadata[name].get("base_model")
         if base:
             metadata[name]["base_model"] = base
+        if a.family or b.family:
+            metadata[name]["family"] = a.family or b.family
     return ConceptEmbedding(token, vectors, metadata, source=None, form="diffusers-folder")
 
 
@@ -312,45 +324,43 @@ def _load_render_pipeline(model):
     from diffusers import DiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
     try:
+        # SANA's Gemma-2 and Wan's UMT5 overflow in fp16: bf16 for them
+        bf16 = str(DiffusionPipeline.load_config(model).get("_class_name", "")).startswith(("Sana", "Wan"))
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16 if bf16 else torch.float16
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise DTIError(
-            f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD or "
-            "SDXL pipeline folder."
+            f"--render {model} could not be loaded as a diffusers pipeline ({type(e).__name__}: {e}); pass an SD, "
+            "SDXL, SANA or Wan pipeline folder."
         ) from e
-    if not hasattr(pipe, "load_textual_inversion"):
+    if pipeline_family(pipe) in ("sd", "sdxl") and not hasattr(pipe, "load_textual_inversion"):
         raise DTIError(
-            f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an SD "
-            "or SDXL pipeline."
+            f"--render {model} is a {type(pipe).__name__}, which cannot load textual-inversion embeddings; pass an "
+            "SD, SDXL, SANA or Wan pipeline."
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def _load_into_pipeline(pipe, path, token, model):
-    """Load the embedding at path (folder or file, any form) under `token`, each encoder's vectors into its own
-    encoder."""
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    concept = read_concept(path)
-    if concept.sdxl != sdxl:
-        raise DTIError(
-            f"--render {model} is an {'SDXL' if sdxl else 'SD'} pipeline but the embeddings are for "
-            f"{'SDXL' if concept.sdxl else 'SD'}; pass the base model they were trained on."
-        )
+    """Load the embedding at path (folder or file, any form) under `token` (dti_files.load_textual_inversion: each
+    encoder's vectors into its own encoder); returns the word to write in the prompt."""
     try:
-        for name, vectors in concept.vectors.items():
-            pipe.load_textual_inversion(
-                vectors,
-                token=token,
-                text_encoder=getattr(pipe, name),
-                tokenizer=getattr(pipe, name.replace("text_encoder", "tokenizer")),
-            )
+        return load_textual_inversion(pipe, path, token=token)
     except ValueError as e:
         raise DTIError(
             f"The embedding in {path} does not fit --render {model} ({e}); pass the base model it was trained on."
-        )
+        ) from e
+
+
+def _render(pipe, prompt, steps, generator):
+    """One image of `prompt`; a video pipeline (Wan) renders one frame, SANA without its complex human instruction
+    (as DTI trains)."""
+    family = pipeline_family(pipe)
+    extra = {"wan": {"num_frames": 1, "output_type": "pil"}, "sana": {"complex_human_instruction": None}}
+    output = pipe(prompt, num_inference_steps=steps, generator=generator, **extra.get(family, {}))
+    return output.frames[0][0] if family == "wan" else output.images[0]
 
 
 def render_interpolation(
@@ -366,10 +376,9 @@ def render_interpolation(
     base = embedding_slug(token)
     images = []
     for i, path in enumerate(paths):
-        distinct = f"<{base}-alpha{i}>"
-        _load_into_pipeline(pipe, path, distinct, model)
+        word = _load_into_pipeline(pipe, path, f"<{base}-alpha{i}>", model)
         generator = torch.Generator("cpu").manual_seed(seed)
-        images.append(pipe(prompt.replace("{}", distinct), num_inference_steps=steps, generator=generator).images[0])
+        images.append(_render(pipe, prompt.replace("{}", word), steps, generator))
     strip = interpolation_strip(images, [f"alpha {alpha:g}" for alpha in alphas])
     atomic_write(output_path, lambda tmp: strip.save(tmp, format="PNG"))
     return output_path
@@ -409,6 +418,7 @@ def inspect_embedding(path, model=None, k=5):
         "tokens": tokens,
         "num_vectors": concept.num_vectors,
         "sdxl": concept.sdxl,
+        "family": concept.family,
         "model": model,
         "encoders": {},
     }
@@ -454,10 +464,13 @@ def inspect_embedding(path, model=None, k=5):
     return report
 
 
+SHORT_NAMES = {None: "SD", "sd": "SD", "sdxl": "SDXL", "sana": "SANA", "wan": "Wan"}
+
+
 def format_inspection(report):
     """The human-readable text of an inspect_embedding() report."""
     lines = [
-        f"{report['token']}: {report['num_vectors']} vector(s), {'SDXL' if report['sdxl'] else 'SD'}, "
+        f"{report['token']}: {report['num_vectors']} vector(s), {SHORT_NAMES[report['family']]}, "
         f"{report['form']} form, from {report['path']}"
     ]
     for name, entry in report["encoders"].items():

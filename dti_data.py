@@ -1,9 +1,11 @@
-"""The training data: the user's images, their views and cached latents, the prompts, and the denoising loss.
+"""The training data: the user's images, their views and cached latents, the prompts, and the losses.
 
 Images are decoded once (with one sentence for every file that cannot be used); every distinct view (a crop position
-of an image, and its mirror) goes through the VAE once; prompts (templates and captions) are tokenized once. A step
-then draws from device tensors only: `TrainingData.batch` indexes the cached latents and prompt ids, and the noise
-comes from a generator seeded by (seed, step, rank), so the data position is the step count and a resume is exact.
+of an image, and its mirror) goes through the VAE once (SD's KL VAE, SANA's DC-AE, Wan's video VAE on one-frame
+videos); prompts (templates and captions) are tokenized once. A step then draws from device tensors only:
+`TrainingData.batch` indexes the cached latents and prompt ids, and the noise comes from a generator seeded by (seed,
+step, rank), so the data position is the step count and a resume is exact. The losses: the denoising loss of SD/SDXL
+(`diffusion_loss`) and the flow-matching loss of SANA and Wan (`flow_matching_loss`).
 """
 
 import copy
@@ -36,17 +38,24 @@ __all__ = [
     "prompt_texts",
     "check_prompts",
     "training_prompts",
+    "ZERO_PAD_MAX",
+    "insert_zero_pad",
     # views and latents
     "image_to_tensor",
     "square_view",
     "resized_shorter_side",
     "crop_positions",
     "build_views",
+    "kl_latents",
+    "dc_ae_latents",
+    "wan_latents",
     "encode_views",
     "TrainingData",
-    # the loss
+    # the losses
     "step_generator",
     "diffusion_loss",
+    "flow_schedule",
+    "flow_matching_loss",
 ]
 
 
@@ -272,51 +281,73 @@ def prompt_templates(learnable_property):
     return STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES
 
 
-def tokenize_prompts(tokenizers, prompts, device):
-    """Token ids (num_prompts, max_length) of the prompts, once per tokenizer, on the device."""
-    return [
-        tok(
-            prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
-        ).input_ids.to(device)
-        for tok in tokenizers
-    ]
+def _tokenize(tok, prompts, max_length=None):
+    return tok(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length or tok.model_max_length,
+        return_tensors="pt",
+    )
 
 
-def caption_prompt(caption, placeholder, caption_token=None):
+def tokenize_prompts(tokenizers, prompts, device, max_length=None):
+    """Token ids (num_prompts, max_length) of the prompts, once per tokenizer, on the device. max_length None: each
+    tokenizer's model_max_length (CLIP's 77)."""
+    return [_tokenize(tok, prompts, max_length).input_ids.to(device) for tok in tokenizers]
+
+
+def caption_prompt(caption, placeholder, caption_token=None, token=None):
     """A caption as a training prompt: the placeholder (all its tokens) written at each `{}`, else in place of the
-    placeholder's first token where the caption writes it, else of each whole-word `caption_token` (any case; the
-    class word, say), else prefixed: "<toy>, a toy on a table"."""
+    placeholder's first token (`token`, default the placeholder's first word) where the caption writes it, else of
+    each whole-word `caption_token` (any case; the class word, say), else prefixed: "<toy>, a toy on a table"."""
     if "{}" in caption:
         return caption.replace("{}", placeholder)
-    for word in filter(None, (placeholder.split()[0], caption_token)):
+    for word in filter(None, (token or placeholder.split()[0], caption_token)):
         pattern = rf"(?<!\w){re.escape(word)}(?!\w)"
         if re.search(pattern, caption, flags=re.IGNORECASE):
             return re.sub(pattern, lambda _: placeholder, caption, flags=re.IGNORECASE)
     return f"{placeholder}, {caption}"
 
 
-def prompt_texts(images, tokens, *, learnable_property, caption_token=None):
-    """Every training prompt as text: the templates with the placeholder (all its tokens), then one per captioned
-    image. Returns (prompts, caption_rows): caption_rows[i] is image i's prompt, or -1 where it has no caption."""
-    placeholder = " ".join(tokens)
+def prompt_texts(images, tokens, *, learnable_property, caption_token=None, preprocess=None, joiner=" "):
+    """Every training prompt as text: the templates with the placeholder (the tokens joined by `joiner`: SANA's and
+    Wan's tokenizers make a space its own token, so ""), then one per captioned image; `preprocess(text)` is what the
+    family's pipeline does to a prompt (SANA lowercases it). Returns (prompts, caption_rows): caption_rows[i] is image
+    i's prompt, or -1 where it has no caption (it uses the templates)."""
+    placeholder = joiner.join(tokens)
     prompts = [template.format(placeholder) for template in prompt_templates(learnable_property)]
     rows = []
     for image in images:
         rows.append(len(prompts) if image.caption else -1)
-        prompts += [caption_prompt(image.caption, placeholder, caption_token)] if image.caption else []
+        prompts += (
+            [caption_prompt(image.caption, placeholder, caption_token, token=tokens[0])] if image.caption else []
+        )
+    prompts = [preprocess(prompt) for prompt in prompts] if preprocess else prompts
     return prompts, rows
 
 
-def check_prompts(tokenizers, images, tokens, *, learnable_property, caption_token=None):
+def check_prompts(
+    tokenizers, images, tokens, *, learnable_property, caption_token=None, max_length=None, preprocess=None, joiner=" "
+):
     """Before any model loads: every prompt must keep all the placeholder's tokens within the text encoder's context
-    (the templates bound --num_vectors; a caption that puts the placeholder past the cut is named). A caption cut
-    after the placeholder gets one warning; images without a caption while others have one, too."""
-    prompts, rows = prompt_texts(images, tokens, learnable_property=learnable_property, caption_token=caption_token)
+    (max_length, else the tokenizer's model_max_length): the templates bound --num_vectors, and a caption that puts
+    the placeholder past the cut is named. A caption cut after the placeholder gets one warning; images without a
+    caption while others have one, too. The other arguments are training_prompts'."""
+    prompts, rows = prompt_texts(
+        images,
+        tokens,
+        learnable_property=learnable_property,
+        caption_token=caption_token,
+        preprocess=preprocess,
+        joiner=joiner,
+    )
+    templates = prompt_texts([], [""], learnable_property=learnable_property, preprocess=preprocess)[0]
     for tokenizer in tokenizers:
         probe = copy.deepcopy(tokenizer)  # the tokens added to a copy: the real tokenizer stays as it was
         probe.add_tokens([t for t in tokens if t not in probe.get_vocab()])
-        ids, limit = set(probe.convert_tokens_to_ids(tokens)), probe.model_max_length
-        longest = max(len(probe(t.format(""), verbose=False).input_ids) for t in prompt_templates(learnable_property))
+        ids, limit = set(probe.convert_tokens_to_ids(tokens)), max_length or probe.model_max_length
+        longest = max(len(probe(t, verbose=False).input_ids) for t in templates)
         if longest + len(tokens) > limit:
             raise DTIError(
                 f"--num_vectors {len(tokens)}: the {learnable_property} templates with {len(tokens)} placeholder "
@@ -341,21 +372,59 @@ def check_prompts(tokenizers, images, tokens, *, learnable_property, caption_tok
         )
 
     def too_long(prompt):
-        return any(len(tok(prompt, verbose=False).input_ids) > tok.model_max_length for tok in tokenizers)
+        return any(
+            len(tok(prompt, verbose=False).input_ids) > (max_length or tok.model_max_length) for tok in tokenizers
+        )
 
     cut = [im.name for im, row in zip(images, rows) if row >= 0 and too_long(prompts[row])]
     if cut:
         logger.warning(
-            f"{len(cut)} caption(s) run past the text encoder's {tokenizers[0].model_max_length} tokens and are cut "
-            f"there: {', '.join(cut)}"
+            f"{len(cut)} caption(s) run past the text encoder's {max_length or tokenizers[0].model_max_length} tokens "
+            f"and are cut there: {', '.join(cut)}"
         )
 
 
-def training_prompts(tokenizers, images, tokens, *, learnable_property, device, caption_token=None):
+def training_prompts(
+    tokenizers,
+    images,
+    tokens,
+    *,
+    learnable_property,
+    device,
+    caption_token=None,
+    max_length=None,
+    preprocess=None,
+    joiner=" ",
+    lengths=False,
+):
     """Every prompt (prompt_texts), tokenized once per tokenizer (check_prompts has checked them). Returns
-    (prompt_ids, caption_rows)."""
-    prompts, rows = prompt_texts(images, tokens, learnable_property=learnable_property, caption_token=caption_token)
-    return tokenize_prompts(tokenizers, prompts, device), torch.tensor(rows, dtype=torch.long)
+    (prompt_ids, caption_rows); max_length None pads to the tokenizer's model_max_length. lengths=True adds a third
+    value: each prompt's real length in tokens of the first tokenizer (CPU)."""
+    prompts, rows = prompt_texts(
+        images,
+        tokens,
+        learnable_property=learnable_property,
+        caption_token=caption_token,
+        preprocess=preprocess,
+        joiner=joiner,
+    )
+    ids, rows = tokenize_prompts(tokenizers, prompts, device, max_length), torch.tensor(rows, dtype=torch.long)
+    if not lengths:
+        return ids, rows
+    return ids, rows, _tokenize(tokenizers[0], prompts, max_length).attention_mask.sum(1)
+
+
+ZERO_PAD_MAX = 15  # the authors' cap on SANA's zero-norm pad tokens
+
+
+def insert_zero_pad(input_ids, pad, length):
+    """SANA's zero pad (the authors' --zero_pad): `pad[b]` tokens right after row b's first token (BOS), which the
+    caller gives zero input embeddings; the prompt moves right by pad[b]. Returns the ids (B, length), cut at
+    `length`, and the pad positions (B, length) bool."""
+    positions = torch.arange(length, device=input_ids.device)
+    shift = pad.unsqueeze(1)
+    source = (positions - shift).clamp(0, input_ids.shape[1] - 1)
+    return torch.gather(input_ids, 1, source), (positions >= 1) & (positions <= shift)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,31 +484,60 @@ def build_views(images, crops_of, flip):
     return keys, torch.tensor(table, dtype=torch.long)
 
 
+def kl_latents(vae, pixels):
+    """SD and SDXL: the KL VAE's latent distribution, (mean, std) float32; scaled in the loss."""
+    dist_ = vae.encode(pixels).latent_dist
+    return dist_.mean.float(), dist_.std.float()
+
+
+def dc_ae_latents(vae, pixels):
+    """SANA: the DC-AE's latent times its scaling factor (as SanaPipeline divides it back), float32. The DC-AE is
+    deterministic: no distribution, no std."""
+    return (vae.encode(pixels).latent * vae.config.scaling_factor).float(), None
+
+
+def wan_latents(vae, pixels):
+    """Wan: each image as a one-frame video (B, 3, 1, H, W); the posterior's mode (as the authors train), normalised
+    per channel by the VAE's latents_mean and latents_std, the inverse of WanPipeline's decode; float32, no std."""
+    z = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
+    return (z - mean) * (1.0 / std), None
+
+
 @torch.no_grad()
-def encode_views(vae, keys, render, device, batch_size=4):
-    """The VAE's latent distribution (mean, std; float32) of every view, encoded once, a chunk at a time so that
-    only `batch_size` views are ever held as float tensors. render(image index, crop) gives the PIL view."""
+def encode_views(vae, keys, render, device, batch_size=4, encode=kl_latents):
+    """The latents of every view (`encode(vae, pixels)`: kl_latents, dc_ae_latents or wan_latents), each encoded once,
+    a chunk at a time so that only `batch_size` views are ever held as float tensors. render(image index, crop) gives
+    the PIL view. Returns (means, stds) float32; stds is None for a deterministic encoder."""
     means, stds = [], []
     for start in range(0, len(keys), batch_size):
         chunk = []
         for i, mirrored, crop in keys[start : start + batch_size]:
             view = render(i, crop)
             chunk.append(image_to_tensor(ImageOps.mirror(view) if mirrored else view))
-        dist_ = vae.encode(torch.stack(chunk).to(device, dtype=vae.dtype)).latent_dist
-        means.append(dist_.mean.float())
-        stds.append(dist_.std.float())
-    return torch.cat(means), torch.cat(stds)
+        mean, std = encode(vae, torch.stack(chunk).to(device, dtype=vae.dtype))
+        means.append(mean)
+        stds.append(std)
+    return torch.cat(means), None if stds[0] is None else torch.cat(stds)
 
 
 class TrainingData:
-    """What the loop samples from: cached VAE latent distributions of every view and pre-tokenized prompts.
+    """What the loop samples from: cached VAE latents of every view and pre-tokenized prompts.
 
-    A step draws a latent from the cached mean and std, which has the distribution of encoding anew. The order is a
-    function of (seed, epoch) and the noise of (seed, step, rank), so the data position is the step count and a
-    resume continues exactly. Every micro-batch has the same size (the epoch's order wraps around to fill the last
-    one), so the UNet always sees one input shape: one CUDA graph, one memory pool. A sample of a captioned image
-    (caption_rows[image] >= 0, see `training_prompts`) takes its caption, or with probability caption_dropout the
-    template drawn for it; the draw comes from the same (seed, epoch) stream, so a resume stays exact."""
+    A step draws a latent from the cached mean and std, which has the distribution of encoding anew (latent_stds
+    None: a deterministic encoder, the mean is the latent). The order is a function of (seed, epoch) and the noise of
+    (seed, step, rank), so the data position is the step count and a resume continues exactly. Every micro-batch has
+    the same size (the epoch's order wraps around to fill the last one), so the UNet always sees one input shape: one
+    CUDA graph, one memory pool. A sample of a captioned image (caption_rows[image] >= 0, see `training_prompts`)
+    takes its caption, or with probability caption_dropout the template drawn for it; the draw comes from the same
+    (seed, epoch) stream, so a resume stays exact.
+
+    prompt_lengths (CPU, the real length of each prompt row) adds "lengths" (device) and "max_length" (an int, the
+    longest in the micro-batch, known on the host without a sync) to each batch, for encoders that run only as far
+    as the prompts reach. zero_pad (SANA, the authors' --zero_pad) draws, from the same (seed, epoch) stream, a number
+    of zero-norm pad tokens for each sample, floor(min(Exponential(mean 2), 15)), added to "lengths" and given as
+    "pad" (see `insert_zero_pad`)."""
 
     def __init__(
         self,
@@ -454,8 +552,10 @@ class TrainingData:
         extra=None,
         caption_rows=None,
         caption_dropout=0.0,
+        prompt_lengths=None,
+        zero_pad=False,
     ):
-        self.latent_means, self.latent_stds = latent_means, latent_stds  # (num_views, C, h, w) float32
+        self.latent_means, self.latent_stds = latent_means, latent_stds  # (num_views, C, [frames,] h, w) float32
         self.view_index = torch.as_tensor(view_index).cpu()  # (images, 1 or 2 flips, crops) long; read once per epoch
         self.prompt_ids = prompt_ids  # list of (num_prompts, L) tensors, one per tokenizer
         self.num_images = self.view_index.shape[0]
@@ -466,6 +566,9 @@ class TrainingData:
         num_captions = 0 if self.caption_rows is None else int((self.caption_rows >= 0).sum())
         self.num_templates = self.prompt_ids[0].shape[0] - num_captions
         self.caption_dropout = caption_dropout
+        self.prompt_lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths).long().cpu()
+        self._lengths = None if prompt_lengths is None else self.prompt_lengths.to(self.latent_means.device)
+        self.zero_pad = zero_pad
         self._epoch_cache = {}
 
     def steps_per_epoch(self, batch_size, num_processes):
@@ -484,24 +587,38 @@ class TrainingData:
                 caption = self.caption_rows[torch.arange(self.length) % self.num_images]
                 kept = (torch.rand(self.length, generator=g) >= self.caption_dropout) & (caption >= 0)
                 prompts = torch.where(kept, caption, prompts)
+            pads = torch.zeros(self.length, dtype=torch.long)
+            if self.zero_pad:  # drawn after every other draw: the streams of runs without it are unchanged
+                pads = torch.empty(self.length).exponential_(0.5, generator=g).clamp_max(ZERO_PAD_MAX).long()
             order = order[torch.arange(math.ceil(self.length / span) * span) % self.length]  # wrap to whole batches
             views = self.view_index[order % self.num_images, flips[order], crops[order]]
             device = self.latent_means.device
-            self._epoch_cache = {(epoch, span): (views.to(device), prompts[order].to(device))}
+            host = {"prompts": prompts[order], "pads": pads[order]}  # what the host needs to know, without a sync
+            device_ = {"views": views.to(device), "prompts": prompts[order].to(device), "pads": pads[order].to(device)}
+            self._epoch_cache = {(epoch, span): (device_, host)}
         return self._epoch_cache[(epoch, span)]
 
     def batch(self, micro_step, batch_size, num_processes, rank):
-        """The micro-batch of this rank at global micro-step `micro_step`: a dict of device tensors."""
+        """The micro-batch of this rank at global micro-step `micro_step`: a dict of device tensors (and, with
+        prompt_lengths, the int "max_length")."""
         epoch, index = divmod(micro_step, self.steps_per_epoch(batch_size, num_processes))
         span = batch_size * num_processes
-        views, templates = self._epoch(epoch, span)
-        view = views[index * span : (index + 1) * span][rank::num_processes]
-        template = templates[index * span : (index + 1) * span][rank::num_processes]
-        out = {
-            "mean": self.latent_means[view],
-            "std": self.latent_stds[view],
-            "input_ids": [ids[template] for ids in self.prompt_ids],
-        }
+        drawn, host = self._epoch(epoch, span)
+        this = slice(index * span, (index + 1) * span)
+        view = drawn["views"][this][rank::num_processes]
+        template = drawn["prompts"][this][rank::num_processes]
+        out = {"mean": self.latent_means[view], "input_ids": [ids[template] for ids in self.prompt_ids]}
+        if self.latent_stds is not None:
+            out["std"] = self.latent_stds[view]
+        if self.prompt_lengths is not None:
+            width = self.prompt_ids[0].shape[1]
+            host_lengths = self.prompt_lengths[host["prompts"][this][rank::num_processes]]
+            out["lengths"] = self._lengths[template]
+            if self.zero_pad:
+                host_lengths = host_lengths + host["pads"][this][rank::num_processes]
+                out["pad"] = drawn["pads"][this][rank::num_processes]
+                out["lengths"] = (out["lengths"] + out["pad"]).clamp_max(width)
+            out["max_length"] = int(host_lengths.clamp_max(width).max())
         out.update({key: value[view] for key, value in self.extra.items()})
         return out
 
@@ -543,3 +660,34 @@ def diffusion_loss(
     else:
         raise DTIError(f"Unknown prediction type {config.prediction_type} in the model's scheduler config.")
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def flow_schedule(scheduler, device):
+    """(sigmas, timesteps) of a flow-matching scheduler's training grid on the device, moved once. SANA's and Wan's
+    folders hold a DPM-Solver/UniPC config whose `flow_shift` FlowMatchEulerDiscreteScheduler.from_pretrained does
+    not read: its grid has shift 1.0, sigma = t / 1000 for t = 1000 .. 1, which the authors train with."""
+    return scheduler.sigmas.to(device, torch.float32), scheduler.timesteps.to(device, torch.float32)
+
+
+def flow_matching_loss(transformer, schedule, batch, encoder_hidden_states, *, generator, weight_dtype, **kwargs):
+    """The flow-matching loss of one micro-batch (SANA, Wan): x_t = (1 - s) x0 + s eps with s drawn uniformly from
+    the schedule's grid (index = floor(u * N), u ~ U[0, 1), as diffusers' weighting "none"), the transformer's
+    prediction against eps - x0, MSE. The noise, then u, come from `generator`; `kwargs` go to the transformer (SANA:
+    encoder_attention_mask)."""
+    sigmas, timesteps = schedule
+    x0 = batch["mean"]
+    if "std" in batch:
+        x0 = x0 + batch["std"] * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    u = torch.rand((x0.shape[0],), generator=generator, device=x0.device)
+    index = (u * sigmas.shape[0]).long().clamp_max(sigmas.shape[0] - 1)
+    sigma = sigmas[index].view(-1, *[1] * (x0.dim() - 1))
+    noisy = (1.0 - sigma) * x0 + sigma * noise
+    pred = transformer(
+        hidden_states=noisy.to(weight_dtype),
+        encoder_hidden_states=encoder_hidden_states.to(weight_dtype),
+        timestep=timesteps[index],
+        return_dict=False,
+        **kwargs,
+    )[0]
+    return F.mse_loss(pred.float(), (noise - x0).float(), reduction="mean")

@@ -1,10 +1,12 @@
-"""Embedding files in every form, read and written in one place.
+"""Embedding files in every form, read, written and loaded into a pipeline in one place.
 
 A learned concept is a token and a (num_vectors, dim) float32 tensor per text encoder (`ConceptEmbedding`). It is
 written as diffusers' training outputs (learned_embeds.safetensors, {token: tensor}; SDXL adds learned_embeds_2),
 as the single file AUTOMATIC1111, ComfyUI and kohya read (SD: {token: tensor} .safetensors or the string_to_param
 .pt; SDXL: {"clip_l", "clip_g"}), and read back from any of these. Every file is written atomically (a temporary
-file renamed when complete), so a reader never sees half a file.
+file renamed when complete), so a reader never sees half a file. SANA (Gemma-2) and Wan (UMT5) concepts are the
+{token: tensor} file with the family in its metadata; `load_textual_inversion(pipeline, path)` loads any of them
+into an SD, SDXL, SANA or Wan pipeline.
 """
 
 import json
@@ -44,8 +46,18 @@ __all__ = [
     "read_concept",
     "stated_norm",
     "base_vocabulary",
+    "FAMILIES",
+    "pipeline_family",
+    "prompt_word",
+    "load_textual_inversion",
 ]
 
+FAMILIES = {  # model family: what the files and messages call it
+    "sd": "SD (1 text encoder)",
+    "sdxl": "SDXL",
+    "sana": "SANA (Gemma-2 text encoder)",
+    "wan": "Wan (UMT5 text encoder)",
+}
 ENCODERS = ("text_encoder", "text_encoder_2")  # diffusers' attribute names
 SINGLE_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # the SDXL single file
 FILE_STEMS = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}  # diffusers' training outputs
@@ -75,8 +87,15 @@ class ConceptEmbedding:
     def num_vectors(self):
         return next(iter(self.vectors.values())).shape[0]
 
+    @property
+    def family(self):
+        """ "sd", "sdxl", "sana" or "wan" as the metadata states (this project's training outputs say); else "sdxl" for
+        two encoders' vectors, None for one encoder's (SD, or a file from elsewhere)."""
+        stated = next(iter(self.metadata.values()), {}).get("family")
+        return stated if stated in FAMILIES else "sdxl" if self.sdxl else None
+
     def describe(self):
-        kind = "SDXL (2 text encoders)" if self.sdxl else "SD (1 text encoder)"
+        kind = "SDXL (2 text encoders)" if self.sdxl else FAMILIES.get(self.family, "SD (1 text encoder)")
         return f"{self.source or self.token}: {kind}, {self.num_vectors} vector(s)"
 
     def __repr__(self):
@@ -511,9 +530,15 @@ def read_concept(path):
 # ----------------------------------------------------------------------------------------------------
 
 
+# The input embedding's key in each family's text encoder weights: CLIP, Gemma-2, UMT5 (`shared`, tied to
+# encoder.embed_tokens, which the file may leave out).
+EMBEDDING_KEYS = ("token_embedding.weight", "embed_tokens.weight", "shared.weight")
+
+
 def _input_embedding_weight(model, name):
     """The text encoder's token embedding matrix (V, dim), float32: read straight from the safetensors of a
-    local pipeline folder when possible, else through transformers (local folder or Hub id)."""
+    local pipeline folder when possible (CLIP, Gemma-2 and UMT5 tables, sharded files too), else through transformers
+    (local folder or Hub id)."""
     folder = os.path.join(model, name)
     if os.path.isdir(folder):
         from safetensors import safe_open
@@ -522,14 +547,16 @@ def _input_embedding_weight(model, name):
             if file.endswith(".safetensors"):
                 with safe_open(os.path.join(folder, file), framework="pt") as f:
                     for key in f.keys():
-                        if key.endswith("token_embedding.weight"):
+                        if key.endswith(EMBEDDING_KEYS):
                             return f.get_tensor(key).float()
     elif os.path.isdir(model):
         raise DTIError(f"--model {model} has no {name} folder; pass a diffusers pipeline folder of the base model.")
-    from transformers import CLIPTextModel
+    import transformers
 
     try:
-        encoder = CLIPTextModel.from_pretrained(model, subfolder=name)
+        config = transformers.AutoConfig.from_pretrained(model, subfolder=name)
+        encoder_class = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0], transformers.AutoModel)
+        encoder = encoder_class.from_pretrained(model, subfolder=name)
     except (OSError, ValueError) as e:
         raise DTIError(
             f"--model {model}: its {name} could not be loaded ({type(e).__name__}: {e}); pass a diffusers pipeline "
@@ -553,6 +580,91 @@ def _load_tokenizer(model, name):
 
 def base_vocabulary(model, name):
     """(token embedding rows of the base vocabulary, float32 (V, dim); tokenizer) of one of the model's text encoders.
-    Rows past the tokenizer's own vocabulary (tokens a full-pipeline save folded in) are left out."""
+    Rows past the tokenizer's own vocabulary (tokens a full-pipeline save folded in, and UMT5's rows no token reaches)
+    are left out: the rows training takes its norm from."""
     weight, tokenizer = _input_embedding_weight(model, name), _load_tokenizer(model, name)
     return weight[: min(weight.shape[0], tokenizer.vocab_size)], tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a concept into a pipeline of any family
+# ----------------------------------------------------------------------------------------------------
+
+
+def pipeline_family(pipeline):
+    """ "sd", "sdxl", "sana" or "wan" of a diffusers pipeline object."""
+    name = type(pipeline).__name__
+    if name.startswith("Sana"):
+        return "sana"
+    if name.startswith("Wan"):
+        return "wan"
+    return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+
+
+def prompt_word(tokens, family):
+    """What to write in a prompt for a concept's tokens: SD and SDXL the first token (diffusers' loader expands it to
+    all of them); SANA and Wan all of them joined without spaces (their tokenizers make a space a token of its own,
+    which training never saw)."""
+    return tokens[0] if family in ("sd", "sdxl") else "".join(tokens)
+
+
+def _write_rows(tokenizer, text_encoder, tokens, vectors, path):
+    """Add the tokens and write their raw rows into the encoder's own table. The table grows only when a new id falls
+    past its end (Gemma's), with resize_token_embeddings(mean_resizing=False); UMT5's table is larger than its
+    tokenizer and keeps its shape, its tied `shared` and `encoder.embed_tokens` both see the rows. The embedding
+    module stays the encoder's own, so Gemma's sqrt(hidden) scale applies to these rows as to every other."""
+    known = [t for t in tokens if t in tokenizer.get_vocab()]
+    if known:
+        raise DTIError(f"The pipeline's tokenizer already has {known[0]!r}; {path} may be loaded already.")
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if max(ids) >= text_encoder.get_input_embeddings().weight.shape[0]:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = vectors.to(weight.device, weight.dtype)
+
+
+def load_textual_inversion(pipeline, path, token=None):
+    """Load an embedding of this project (a training output folder or any file form the concept tools read) into an
+    SD, SDXL, SANA or Wan pipeline, under its own token or `token`, and return the word to write in prompts.
+
+    SD and SDXL go through diffusers' own `load_textual_inversion` (SDXL: each encoder's vectors into its encoder).
+    SANA and Wan, whose pipelines have no loader, get the tokens added to their tokenizer and the raw rows written into
+    the text encoder's table (see _write_rows). SANA lowercases prompts, so its tokens must be lowercase; its
+    `clean_caption=True` would strip a `<token>` from the prompt."""
+    concept = read_concept(path)
+    family = pipeline_family(pipeline)
+    if concept.family not in (None, family) or concept.sdxl != (family == "sdxl"):
+        raise DTIError(
+            f"{path} is an embedding for {FAMILIES[concept.family or 'sd']} but the pipeline is "
+            f"{FAMILIES[family]}; load it into the base model it was trained on."
+        )
+    token = token or concept.token
+    tokens = placeholder_token_list(token, concept.num_vectors)
+    for name, vectors in concept.vectors.items():
+        width = getattr(pipeline, name).get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            raise DTIError(
+                f"{path} holds {vectors.shape[1]}-dim vectors but the pipeline's {name} has {width}-dim rows; load it "
+                f"into the base model it was trained on{_trained_on(concept, name)}."
+            )
+    if family in ("sd", "sdxl"):
+        for name, vectors in concept.vectors.items():
+            tokenizer = getattr(pipeline, name.replace("text_encoder", "tokenizer"))
+            pipeline.load_textual_inversion(
+                vectors, token=token, text_encoder=getattr(pipeline, name), tokenizer=tokenizer
+            )
+        return prompt_word(tokens, family)
+    if family == "sana" and token != token.lower():
+        raise DTIError(
+            f"{path} names the token {token!r}, but SanaPipeline lowercases every prompt, so it could never be "
+            "matched; pass token= in lower case."
+        )
+    _write_rows(pipeline.tokenizer, pipeline.text_encoder, tokens, concept.vectors["text_encoder"], path)
+    return prompt_word(tokens, family)
+
+
+def _trained_on(concept, name):
+    base = concept.metadata.get(name, {}).get("base_model")
+    return f" ({base})" if base else ""

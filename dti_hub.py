@@ -1,7 +1,8 @@
 """The Hub: the repository made at the start of a run, the model card in diffusers' conventions, the upload.
 
 The card says how the embedding was made and how to load it: a complete diffusers snippet (one call per encoder for
-SDXL, or from the single file) and the file name and prompt word for AUTOMATIC1111, ComfyUI and kohya.
+SDXL, or from the single file; SANA and Wan through this project's dti_files.load_textual_inversion, as their
+pipelines have no loader) and the file name and prompt word for AUTOMATIC1111, ComfyUI and kohya.
 """
 
 import functools
@@ -21,6 +22,7 @@ __all__ = [
     "create_hub_repo",
     "base_model_license",
     "loading_snippet",
+    "family_snippet",
     "write_model_card",
     "push_output_to_hub",
 ]
@@ -100,6 +102,7 @@ KNOWN_LICENSES = {
         ),
         "openrail++",
     ),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "apache-2.0",
 }
 
 
@@ -162,6 +165,34 @@ def loading_snippet(
     return "```python\n" + "\n".join(code) + "\n```"
 
 
+FAMILY_PIPELINES = {"sana": "SanaPipeline", "wan": "WanPipeline"}
+
+
+def family_snippet(repo_id, base_model, placeholder_token, family, prompt=None):
+    """SANA and Wan: a complete Python block that loads the base pipeline, downloads the repository and loads the
+    embedding with this project's dti_files.load_textual_inversion (their pipelines have no loader), then renders the
+    prompt with the token replaced by the word it returns (several vectors' tokens joined without spaces)."""
+    q, cls = json.dumps, FAMILY_PIPELINES[family]
+    prompt = q(prompt or f"a photo of {placeholder_token}")
+    call = f"pipe({prompt}.replace({q(placeholder_token)}, word)"
+    render = {
+        "sana": f"image = {call}, complex_human_instruction=None).images[0]",
+        "wan": f'image = {call}, num_frames=1, output_type="pil").frames[0][0]',
+    }[family]
+    code = [
+        "import torch",
+        f"from diffusers import {cls}",
+        "from huggingface_hub import snapshot_download",
+        "",
+        "from dti_files import load_textual_inversion  # from the Directional Textual Inversion scripts",
+        "",
+        f'pipe = {cls}.from_pretrained({q(base_model)}, dtype=torch.bfloat16).to("cuda")',
+        f"word = load_textual_inversion(pipe, snapshot_download({q(repo_id)}))",
+        render,
+    ]
+    return "```python\n" + "\n".join(code) + "\n```"
+
+
 def _card_sections(
     repo_id,
     *,
@@ -177,6 +208,7 @@ def _card_sections(
     ext,
     sdxl,
     license,
+    family,
 ):
     dti = embeddings[0].norm is not None
     stem = embedding_slug(token, file_stem=True)
@@ -198,13 +230,23 @@ def _card_sections(
         f"learned with {method} for {steps} steps.{about}",
         images or "No validation images were made (pass --validation_prompt).",
         "## Use it with diffusers",
-        loading_snippet(repo_id, shown, token, sdxl, validation_prompt, ext),
     ]
-    if local:
-        sections.append(
+    local_note = (
+        [
             f"`{shown}` is the base model's folder on the machine that trained this embedding: put the base model's "
             "Hub id or your own copy's path in its place."
-        )
+        ]
+        if local
+        else []
+    )
+    if family in FAMILY_PIPELINES:
+        sections += [
+            family_snippet(repo_id, shown, token, family, validation_prompt),
+            *local_note,
+            "AUTOMATIC1111, ComfyUI and kohya do not load textual-inversion embeddings for this model.",
+        ]
+        return sections + _license_note(shown, license)
+    sections += [loading_snippet(repo_id, shown, token, sdxl, validation_prompt, ext), *local_note]
     if sdxl:
         sections += [
             f"Or from the single file `{stem}{ext}`, which holds both encoders' vectors:",
@@ -218,12 +260,16 @@ def _card_sections(
     if sdxl:
         ui += f" Not `learned_embeds{ext}` or `learned_embeds_2{ext}`: each holds one text encoder's vectors only."
     sections += ["## AUTOMATIC1111, ComfyUI, kohya", ui]
-    if not license:
-        sections.append(
-            f"The license of the base model `{shown}` could not be read, so this card says `other`: check it "
-            "before use."
-        )
-    return sections
+    return sections + _license_note(shown, license)
+
+
+def _license_note(base_model, license):
+    if license:
+        return []
+    return [
+        f"The license of the base model `{base_model}` could not be read, so this card says `other`: check it "
+        "before use."
+    ]
 
 
 def _card_tail(*, token, embeddings, details):
@@ -272,13 +318,17 @@ def write_model_card(
     license=None,
     hub_token=None,
     details=None,
+    family=None,
 ):
     """README.md in diffusers' conventions (load_or_create_model_card + populate_model_card): an existing card of
     repo_id is kept, with the tags added; a new one gets the base model's license, base_model (a Hub id only), the
     validation images, snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya, and in place of the template's
-    TODOs the limitations and the training details (`details`: {setting: value})."""
+    TODOs the limitations and the training details (`details`: {setting: value}). family: "sd", "sdxl" (also from
+    sdxl=True), "sana" or "wan"."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
+    family = family or ("sdxl" if sdxl else "sd")
+    sdxl = family == "sdxl"
     license = license or {}
     hub_base = (
         None if os.path.exists(base_model) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) else base_model
@@ -297,6 +347,7 @@ def write_model_card(
         ext=ext,
         sdxl=sdxl,
         license=license,
+        family=family,
     )
     card = load_or_create_model_card(
         repo_id,
@@ -315,8 +366,13 @@ def write_model_card(
     for key in ("license_name", "license_link"):  # the base's own terms, for a card that says `other`
         if card.data.license == "other" and key in license and getattr(card.data, key, None) is None:
             setattr(card.data, key, license[key])
-    family = "stable-diffusion-xl" if sdxl else "stable-diffusion"
-    tags = ["text-to-image", "diffusers", "diffusers-training", family, f"{family}-diffusers", "textual_inversion"]
+    family_tags = {
+        "sd": ["stable-diffusion", "stable-diffusion-diffusers"],
+        "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+        "sana": ["sana"],
+        "wan": ["wan", "text-to-video"],
+    }[family]
+    tags = ["text-to-image", "diffusers", "diffusers-training", *family_tags, "textual_inversion"]
     tags += ["directional-textual-inversion"] if embeddings[0].norm is not None else []
     populate_model_card(card, tags=[t for t in tags if t not in (card.data.tags or [])])
     return atomic_write(os.path.join(output_dir, "README.md"), card.save)

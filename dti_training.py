@@ -1,9 +1,10 @@
-"""The training mechanics both training scripts call around their loop, each written once.
+"""The training mechanics every training script calls around its loop, each written once.
 
 The loop itself (micro-batches, backward, `optimizer.step()`, schedule, logging, checkpoints, validation) is written
 out in each script; this module holds the pieces it calls: the run's session (accelerator, trackers, stop signals,
 start-up timing), the sync-free loss window and the guard that skips a non-finite step on the device, the number of
-steps and the learning rate, checkpoints (kilobytes, exact resume), validation images and the training curves.
+steps and the learning rate, checkpoints (kilobytes, exact resume), and the run's files, upload and summary lines
+(`RunFiles`, `log_run_start`). Validation lives in dti_validation.py.
 """
 
 import contextlib
@@ -17,13 +18,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from dti_cli import FAMILY_NAMES, SCRIPTS
-from dti_files import WriteError, atomic_write, write_failure_types
+from dti_files import save_training_embeddings, write_failure_types
 from dti_files import why as write_failure
-from dti_utils import DTIError, DTIWarning, logger
+from dti_hub import push_output_to_hub
+from dti_utils import DTIError, logger
 
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "steps_per_epoch",
     "scaled_learning_rate",
     "vae_dtype",
+    "text_encoder_dtype",
     "freeze_models",
     # the step
     "LossWindow",
@@ -52,11 +54,9 @@ __all__ = [
     "training_state",
     "restore_training_state",
     "save_checkpoint",
-    # validation and curves
-    "log_validation",
-    "decode_latents",
-    "log_nearest_tokens",
-    "plot_training_curves",
+    # the run's files and summary
+    "RunFiles",
+    "log_run_start",
 ]
 
 
@@ -256,6 +256,13 @@ def vae_dtype(vae_config, weight_dtype):
     )
 
 
+def text_encoder_dtype(weight_dtype, float32=False):
+    """SANA's and Wan's text encoder: bf16 under bf16 mixed precision (as the authors run Gemma-2 and UMT5; the learned
+    directions stay float32 in the DirectionalEmbedding), float32 otherwise and with `float32`: Gemma-2 and T5
+    overflow in fp16."""
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 and not float32 else torch.float32
+
+
 def freeze_models(unet, vae, text_encoders, *, device, xformers=False, gradient_checkpointing=False):
     """Freeze the models and move them to the device. The scripts load each in the dtype it runs in: the text
     encoders float32 (the learned rows' gradient passes through them), the UNet in the mixed-precision dtype, the
@@ -299,6 +306,21 @@ class LossWindow:
 
     def due(self, last=False):
         return self.size >= self.every or (last and self.size > 0)
+
+    def report(self, step, accelerator, embeddings, *, output_dir, lr, history, progress):
+        """read() at a read-back step, then the figures everywhere they go: the run's history (step, loss, then norm
+        and angle per encoder), the progress bar, the trackers."""
+        logs = self.read(step, accelerator, embeddings, output_dir)
+        logs["lr"] = lr
+        suffixes = [""] + [f"_{i + 1}" for i in range(1, len(embeddings))]
+        history.append((step, logs["loss"], *(logs[f"{k}{s}"] for s in suffixes for k in ("norm", "angle_deg"))))
+        progress.set_postfix(
+            loss=f"{logs['loss']:.4f}",
+            norm="/".join(f"{logs['norm' + s]:.4f}" for s in suffixes),
+            angle="/".join(f"{logs['angle_deg' + s]:.2f}" for s in suffixes) + "deg",
+        )
+        accelerator.log(logs, step=step)
+        return logs
 
     def read(self, step, accelerator, embeddings, output_dir):
         """{loss, norm, angle_deg (and norm_2, angle_deg_2 for a second encoder)}: the window's figures."""
@@ -568,123 +590,135 @@ def save_checkpoint(output_dir, step, state, total_limit=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation images and training curves
+# The run's files, upload and summary lines
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def log_validation(
-    pipeline, accelerator, *, prompt, num_images, num_inference_steps, seed, weight_dtype, output_dir, step, stop=None
-):
-    """Render `num_images` images of `prompt` with the models in memory (the same seed every time), save them under
-    output_dir/validation/ and send them to the trackers. The UNet denoises under autocast to `weight_dtype` (not
-    accelerator.autocast(), which accelerate leaves off for fp16 on a CPU, where the float32 text encoders would then
-    feed a half-precision UNet); the VAE decodes outside it, in its own dtype (the SDXL VAE overflows in fp16). A stop
-    request ends the validation at its next denoising step and discards it. Returns the image paths."""
-    from diffusers.training_utils import free_memory
-    from diffusers.utils import is_wandb_available
+class RunFiles:
+    """What every training script writes, written the same way by the main process: `save(step, suffix)` the
+    embedding files, with metadata saying how they were made (method, family, base model, initializer, norm, kappa,
+    seed, steps); `checkpoint(step)` a checkpoint-N folder (kilobytes: directions, optimizer state, step, seed,
+    flags, history, the run's identity); `stopped(step)` the checkpoint and the line a stopped run ends with;
+    `push(...)` the upload with its model card; `done(paths)` the last lines. Made after the optimizer and a resume
+    (which gives `history` and the `run_id` to keep); `flags` are the run's ({name: value}), kept in checkpoints so
+    that a resume can say what changed; `init_ids` (one list per encoder) the initializer as the tokenizers read it."""
 
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    logger.info(f"Validation at step {step}: {num_images} image(s) of {prompt!r}")
+    def __init__(
+        self,
+        output_dir,
+        embeddings,
+        *,
+        family,
+        token,
+        base_model,
+        initializer_token,
+        token_scale,
+        kappa,
+        seed,
+        optimizer,
+        scaler,
+        history,
+        flags,
+        run_id,
+        init_ids,
+        safe_serialization=True,
+        checkpoints_total_limit=None,
+    ):
+        self.output_dir, self.embeddings, self.family, self.token = output_dir, embeddings, family, token
+        self.base_model, self.initializer_token, self.kappa, self.seed = base_model, initializer_token, kappa, seed
+        self.optimizer, self.scaler, self.history, self.flags = optimizer, scaler, history, dict(flags)
+        self.run_id, self.init_ids = run_id, [list(ids) for ids in init_ids]
+        self.ext = ".safetensors" if safe_serialization else ".bin"
+        self.total_limit = checkpoints_total_limit
+        self.dti = embeddings[0].norm is not None
+        self.run_info = {
+            "family": family,
+            "base_model": base_model,
+            "initializer_token": initializer_token,
+            "token_scale": token_scale,
+            "kappa": repr(kappa) if self.dti else "none",
+            "seed": seed,
+            "run_id": run_id,
+        }
 
-    def interrupt(pipe, i, t, callback_kwargs):
-        if stop is not None and stop.requested:
-            pipe._interrupt = True  # diffusers' documented way to end a pipeline call early
-        return callback_kwargs
+    def save(self, step, suffix=""):
+        """learned_embeds[_2]{suffix} (and SDXL's single file); returns the paths."""
+        return save_training_embeddings(
+            self.output_dir,
+            self.embeddings,
+            token=self.token,
+            run_info=self.run_info,
+            step=step,
+            suffix=suffix,
+            ext=self.ext,
+        )
 
-    images = []
-    for _ in range(num_images):
-        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            latents = pipeline(
-                prompt,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                output_type="latent",
-                callback_on_step_end=interrupt,
-            ).images
-        if stop is not None and stop.requested:
-            return []
-        images.append(decode_latents(pipeline, latents)[0])
-    folder = os.path.join(output_dir, "validation")
-    paths = [os.path.join(folder, f"step-{step:06d}-{i}.png") for i in range(len(images))]
-    try:
-        for image, path in zip(images, paths):
-            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-    except WriteError as e:  # pictures never stop a run: the embedding and checkpoints are what matter
-        logger.warning(f"Validation images at step {step} not saved: {e}")
-        paths = [p for p in paths if os.path.isfile(p)]
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            pictures = np.stack([np.asarray(img) for img in images])
-            tracker.writer.add_images("validation", pictures, step, dataformats="NHWC")
-        elif tracker.name == "wandb" and is_wandb_available():
-            import wandb
+    def checkpoint(self, step):
+        state = training_state(
+            step,
+            run_id=self.run_id,
+            family=self.family,
+            seed=self.seed,
+            mode="rsgd" if self.dti else "adamw",
+            flags=self.flags,
+            init_ids=self.init_ids,
+            embeddings=self.embeddings,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            history=self.history,
+        )
+        logger.info(f"Saved {save_checkpoint(self.output_dir, step, state, self.total_limit)}")
 
-            pictures = [wandb.Image(img, caption=f"{i}: {prompt}") for i, img in enumerate(images)]
-            tracker.log({"validation": pictures}, step=step)
-    del pipeline
-    free_memory()
-    return paths
+    def stopped(self, step):
+        """A run stopped by a signal: the checkpoint (the embedding is saved already) and where to continue."""
+        self.checkpoint(step)
+        what = "embeddings" if len(self.embeddings) > 1 else "embedding"
+        logger.info(
+            f"Stopped at step {step}: {what} and checkpoint-{step} saved in {self.output_dir}; continue with "
+            "--resume_from_checkpoint latest."
+        )
 
+    def push(self, repo_id, *, hub_token, push_checkpoints, image_paths, steps, validation_prompt, details=None):
+        """The model card and the upload (dti_hub.push_output_to_hub); `details` the card's training details."""
+        push_output_to_hub(
+            self.output_dir,
+            repo_id,
+            hub_token=hub_token,
+            push_checkpoints=push_checkpoints,
+            base_model=self.base_model,
+            token=self.token,
+            initializer_token=self.initializer_token,
+            embeddings=self.embeddings,
+            image_paths=image_paths,
+            steps=steps,
+            validation_prompt=validation_prompt,
+            kappa=self.kappa,
+            ext=self.ext,
+            family=self.family,
+            details=details,
+        )
 
-def decode_latents(pipeline, latents):
-    """PIL images from a pipeline's latents, decoded by its VAE in the VAE's dtype (as the pipelines do)."""
-    vae = pipeline.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        std, mean = torch.tensor(std).view(shape).to(latents), torch.tensor(mean).view(shape).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
-
-
-def log_nearest_tokens(step, embeddings, tokenizers):
-    for e, tok in zip(embeddings, tokenizers):
-        for token, near in zip(e.tokens, e.nearest_tokens(tok)):
-            logger.info(f"step {step} {e.name} {token}: nearest vocabulary tokens {near}")
+    def done(self, paths):
+        """The last lines: each encoder's vectors, their norm and file."""
+        for e, path in zip(self.embeddings, paths):
+            norm = e.vectors().norm(dim=-1).mean().item()
+            name = f"{e.name}: " if len(self.embeddings) > 1 else ""
+            logger.info(f"Done: {name}{len(e.tokens)} vector(s) of norm {norm:.6f} in {path}")
 
 
-def plot_training_curves(history, path):
-    """Write a PNG with three panels against the step: loss, norm, angle from the initializer (degrees).
-
-    history: a list of (step, loss, norm, angle_deg, ...). Drawn with matplotlib's Agg canvas (no display and no
-    change to pyplot's global backend). Returns path, or None when history is empty (nothing is written)."""
-    import warnings
-
-    rows = [tuple(float(x) if x is not None else float("nan") for x in entry[:4]) for entry in history]
-    if not rows:
-        warnings.warn(f"No training history to plot; {path} was not written.", DTIWarning)
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps, loss, norm, angle = zip(*rows)
-    fig = Figure(figsize=(12, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    marker = "." if len(rows) <= 60 else None
-    panels = (
-        (loss, "loss", "loss"),
-        (norm, "embedding norm", "L2 norm"),
-        (angle, "angle from initializer", "degrees"),
+def log_run_start(data, embeddings, *, batch_size, num_processes, accumulation, optimizer, learning_rate, steps, seed):
+    """The summary every script logs before its first step: data, batch layout, optimizer, each encoder's tokens and
+    norm m."""
+    views = data.latent_means.shape[0]
+    logger.info("***** Running training *****")
+    logger.info(
+        f"  Images = {data.num_images} x {data.length // data.num_images} repeats ({views} cached views), batch "
+        f"{batch_size} per device x {num_processes} processes x {accumulation} accumulation"
     )
-    for ax, (values, title, ylabel) in zip(fig.subplots(1, 3), panels):
-        ax.plot(steps, values, marker=marker, linewidth=1.2)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        finite = [v for v in values if math.isfinite(v)]
-        if ylabel == "L2 norm" and finite and max(finite) - min(finite) < 1e-3 * max(finite):
-            # A fixed DTI norm: show it flat at its value, not float32 round-off magnified to fill the axis.
-            ax.set_ylim(0.9 * min(finite), 1.1 * max(finite))
-            ax.ticklabel_format(axis="y", useOffset=False)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    except WriteError as e:  # the curves never cost the embedding, which is saved before them
-        logger.warning(f"Training curves not saved: {e}")
-        return None
+    logger.info(
+        f"  Optimizer = {optimizer}, effective learning rate = {learning_rate:g}, steps = {steps}, seed = {seed}"
+    )
+    for e in embeddings:
+        norm = "free (classic TI)" if e.norm is None else f"{e.norm:.6f}"
+        head = f"  Tokens {e.tokens}" if len(embeddings) == 1 else f"  {e.name}: tokens {e.tokens}"
+        logger.info(f"{head}, norm {norm}")

@@ -30,12 +30,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import dti_cli as cli
 import dti_data as data_lib
-import dti_files as files
 import dti_training as training
 from dti_graphs import unet_for_training
-from dti_hub import create_hub_repo, push_output_to_hub
-from dti_metrics import TrainingEvaluator, encoder_ids
+from dti_hub import create_hub_repo
 from dti_utils import RiemannianSGD, add_directional_embedding, resolve_tokens
+from dti_validation import Validation, plot_training_curves
 
 
 check_min_version("0.42.0")
@@ -189,18 +188,42 @@ def main(args, callback=None):
             xformers=args.enable_xformers_memory_efficient_attention,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-        evaluate = None
-        if args.evaluate_steps and accelerator.is_main_process:  # the scoring encoders load only when asked for
-            evaluate = TrainingEvaluator(
-                args.evaluate_steps,
-                model_ids=encoder_ids(args.evaluation_models),
-                reference_images=[im.image for im in images],
-                prompt=args.validation_prompt,
-                placeholder_token=args.placeholder_token,
-                class_word=args.initializer_token,
-                device=accelerator.device,
-                cache_dir=args.cache_dir,
+
+        # Validation renders with the models in memory (the placeholder's directional embedding included, once it is
+        # installed). The pipeline class is read from diffusers' lazy module, not imported at the top: importing a
+        # pipeline makes transformers announce, for image processors these scripts never use, that torchvision is
+        # missing, and the session's filter (quiet_library_notices) is on now. With --evaluate_steps the scoring
+        # models load now (their weights at the first score).
+        def make_pipeline():
+            return diffusers.StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
             )
+
+        validation = Validation(
+            make_pipeline,
+            accelerator,
+            prompt=args.validation_prompt,
+            num_images=args.num_validation_images,
+            num_inference_steps=args.num_validation_inference_steps,
+            every=args.validation_steps,
+            seed=args.seed,
+            weight_dtype=weight_dtype,
+            output_dir=args.output_dir,
+            stop=stop,
+            evaluate_steps=args.evaluate_steps,
+            evaluation_models=args.evaluation_models,
+            reference_images=[im.image for im in images],
+            placeholder_token=args.placeholder_token,
+            class_word=args.initializer_token,
+            cache_dir=args.cache_dir,
+        )
         timer.mark("models")
 
         # -- 2. Add the placeholder tokens and install their directional embedding in the text encoder: the tokens
@@ -298,88 +321,40 @@ def main(args, callback=None):
             gradient_checkpointing=args.gradient_checkpointing,
         )
 
-        # Validation renders with the models in memory. The pipeline class is read from diffusers' lazy module here,
-        # not imported at the top: importing a pipeline makes transformers announce, for image processors these
-        # scripts never use, that torchvision is missing, and the session's filter (quiet_library_notices) is on now.
-        def make_pipeline():
-            return diffusers.StableDiffusionPipeline(
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                unet=unet,
-                scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-
-        def validate(step):
-            return training.log_validation(
-                make_pipeline(),
-                accelerator,
-                prompt=args.validation_prompt,
-                num_images=args.num_validation_images,
-                num_inference_steps=args.num_validation_inference_steps,
-                seed=args.seed,
-                weight_dtype=weight_dtype,
-                output_dir=args.output_dir,
-                step=step,
-                stop=stop,
-            )
-
-        run_info = {
-            "base_model": args.pretrained_model_name_or_path,
-            "initializer_token": args.initializer_token,
-            "token_scale": args.token_scale,
-            "kappa": repr(args.kappa) if args.optimizer == "rsgd" else "none",
-            "seed": args.seed,
-            "run_id": run_id,
-        }
-
-        def save(step, suffix=""):
-            return files.save_training_embeddings(
-                args.output_dir,
-                [embedding],
-                token=args.placeholder_token,
-                run_info=run_info,
-                step=step,
-                suffix=suffix,
-                ext=".bin" if args.no_safe_serialization else ".safetensors",
-            )
-
-        def save_checkpoint(step):
-            state = training.training_state(
-                step,
-                run_id=run_id,
-                family="sd",
-                seed=args.seed,
-                mode=args.optimizer,
-                flags={**vars(args), "num_processes": accelerator.num_processes},
-                init_ids=[init_ids],
-                embeddings=[embedding],
-                optimizer=optimizer,
-                scaler=accelerator.scaler,
-                history=history,
-            )
-            logger.info(
-                f"Saved {training.save_checkpoint(args.output_dir, step, state, args.checkpoints_total_limit)}"
-            )
-
-        stop.save_on_abort = lambda: save(global_step)  # an error or a second Ctrl-C: keep what was learned so far
+        # The files the main process writes: embeddings (with how they were made), checkpoints, the upload.
+        run_files = training.RunFiles(
+            args.output_dir,
+            [embedding],
+            family="sd",
+            token=args.placeholder_token,
+            base_model=args.pretrained_model_name_or_path,
+            initializer_token=args.initializer_token,
+            token_scale=args.token_scale,
+            kappa=args.kappa,
+            seed=args.seed,
+            optimizer=optimizer,
+            scaler=accelerator.scaler,
+            history=history,
+            flags={**vars(args), "num_processes": accelerator.num_processes},
+            run_id=run_id,
+            init_ids=[init_ids],
+            safe_serialization=not args.no_safe_serialization,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+        )
+        stop.save_on_abort = lambda: run_files.save(global_step)  # an error or a second Ctrl-C: keep what was learned
 
         # -- 6. The training loop --
-        logger.info("***** Running training *****")
-        logger.info(
-            f"  Images = {len(images)} x {args.repeats} repeats ({len(keys)} cached views), batch "
-            f"{args.train_batch_size} per device x {accelerator.num_processes} processes x "
-            f"{args.gradient_accumulation_steps} accumulation"
+        training.log_run_start(
+            data,
+            [embedding],
+            batch_size=args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=args.gradient_accumulation_steps,
+            optimizer=args.optimizer,
+            learning_rate=lr,
+            steps=args.max_train_steps,
+            seed=args.seed,
         )
-        logger.info(
-            f"  Optimizer = {args.optimizer}, effective learning rate = {lr:g}, steps = {args.max_train_steps}, "
-            f"seed = {args.seed}"
-        )
-        norm = "free (classic TI)" if embedding.norm is None else f"{embedding.norm:.6f}"
-        logger.info(f"  Tokens {embedding.tokens}, norm {norm}")
         startup = timer.report()
         window = training.LossWindow(args.log_steps, accelerator.device)
         progress = tqdm(
@@ -389,7 +364,6 @@ def main(args, callback=None):
             disable=not accelerator.is_local_main_process,
         )
         accum, rank, world = args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
-        validation_images = []
         while global_step < args.max_train_steps:
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(accum):
@@ -421,25 +395,23 @@ def main(args, callback=None):
 
             last = global_step == args.max_train_steps
             synced = window.due(last)
-            if synced:  # one device->host read every --log_steps steps
-                logs = window.read(global_step, accelerator, [embedding], args.output_dir)
-                logs["lr"] = optimizer.param_groups[0]["lr"]
-                history.append((global_step, logs["loss"], logs["norm"], logs["angle_deg"]))
-                progress.set_postfix(
-                    loss=f"{logs['loss']:.4f}", norm=f"{logs['norm']:.4f}", angle=f"{logs['angle_deg']:.2f}deg"
+            if synced:  # one device->host read every --log_steps steps: progress bar, trackers, history
+                window.report(
+                    global_step,
+                    accelerator,
+                    [embedding],
+                    output_dir=args.output_dir,
+                    lr=optimizer.param_groups[0]["lr"],
+                    history=history,
+                    progress=progress,
                 )
-                accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
-                    save(global_step, suffix=f"-steps-{global_step}")
+                    run_files.save(global_step, suffix=f"-steps-{global_step}")
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(global_step)
-                evaluate_now = evaluate is not None and evaluate.due(global_step)
-                if args.validation_prompt and (global_step % args.validation_steps == 0 or evaluate_now) and not last:
-                    validation_images = validate(global_step) or validation_images
-                    training.log_nearest_tokens(global_step, [embedding], [tokenizer])
-                    if evaluate_now and not stop.requested:  # text and subject fidelity to the trackers
-                        evaluate(global_step, validation_images, accelerator)
+                    run_files.checkpoint(global_step)
+                if validation.due(global_step, last):  # images, nearest tokens and, with --evaluate_steps, scores
+                    validation.run(global_step, [embedding], [tokenizer])
             if stop.check(accelerator, synced):
                 break
         progress.close()
@@ -460,22 +432,14 @@ def main(args, callback=None):
         )
         if accelerator.is_main_process:
             stop.save_on_abort = None  # the final save rescues the embedding itself if it cannot be written
-            result.files = save(global_step)
+            result.files = run_files.save(global_step)
             if not stop.requested:
-                training.plot_training_curves(history, f"{args.output_dir}/training_curves.png")
-                if args.validation_prompt:
-                    validation_images = validate(global_step) or validation_images
+                plot_training_curves(history, f"{args.output_dir}/training_curves.png")
+                validation.run(global_step, [embedding], [tokenizer], final=True)
             if stop.requested:  # before or during the final validation
-                save_checkpoint(global_step)
-                logger.info(
-                    f"Stopped at step {global_step}: embedding and checkpoint-{global_step} saved in "
-                    f"{args.output_dir}; continue with --resume_from_checkpoint latest."
-                )
+                run_files.stopped(global_step)
                 result.exit_code = 128 + stop.signum
                 return result
-            training.log_nearest_tokens(global_step, [embedding], [tokenizer])
-            if evaluate:
-                evaluate(global_step, validation_images, accelerator)
             if args.save_as_full_pipeline:
                 text_encoder.set_input_embeddings(embedding.fold())
                 pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
@@ -483,20 +447,13 @@ def main(args, callback=None):
                 )
                 pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
             if hub_repo:
-                push_output_to_hub(
-                    args.output_dir,
+                run_files.push(
                     hub_repo,
                     hub_token=args.hub_token,
                     push_checkpoints=args.push_checkpoints,
-                    base_model=args.pretrained_model_name_or_path,
-                    token=args.placeholder_token,
-                    initializer_token=args.initializer_token,
-                    embeddings=[embedding],
-                    image_paths=validation_images,
+                    image_paths=validation.images,
                     steps=args.max_train_steps,
                     validation_prompt=args.validation_prompt,
-                    kappa=args.kappa,
-                    ext=".bin" if args.no_safe_serialization else ".safetensors",
                     details={
                         "images": len(images),
                         "steps": global_step,
@@ -507,8 +464,7 @@ def main(args, callback=None):
                         "seed": args.seed,
                     },
                 )
-            norm = embedding.vectors().norm(dim=-1).mean().item()
-            logger.info(f"Done: {len(tokens)} vector(s) of norm {norm:.6f} in {result.files[0]}")
+            run_files.done(result.files)
         return result
 
 

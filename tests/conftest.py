@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SD and SDXL pipelines and example images built offline; helpers that run the
+"""Shared fixtures: tiny random SD, SDXL, SANA and Wan pipelines and example images built offline; helpers that run the
 training script in-process (fast) or through its real entry point (a subprocess); the scripts' defaults read from
 their own parsers (script_defaults), the one angle between vectors every test measures with (angle), and tiny random
 scoring encoders with their features computed by hand from the models' layers (encoders, by_hand).
@@ -119,6 +119,41 @@ def tiny_sdxl(tmp_path_factory):
     from make_tiny_pipeline import make_tiny_sdxl
 
     return make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl") / "pipe"), seed=0, eos_token_id_2=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory):
+    """Folder of a tiny random SanaPipeline: Gemma-2 of width 32 (a 925-token BPE tokenizer built in code, rows
+    scaled by sqrt(32) inside the embedding module), SanaTransformer2DModel, an 8x DC-AE."""
+    from make_tiny_pipeline import make_tiny_sana
+
+    return make_tiny_sana(str(tmp_path_factory.mktemp("tiny-sana") / "pipe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+    """Folder of a tiny random WanPipeline: UMT5 of width 32 whose table (320 rows) is larger than its tokenizer (300
+    tokens), WanTransformer3DModel, a Wan VAE with per-channel latents_mean/std."""
+    from make_tiny_pipeline import make_tiny_wan
+
+    return make_tiny_wan(str(tmp_path_factory.mktemp("tiny-wan") / "pipe"))
+
+
+def embedding_table(pipeline, subfolder="text_encoder"):
+    """A text encoder's input embedding table read straight from its safetensors file (float64 numpy): CLIP's
+    token_embedding, Gemma's embed_tokens, UMT5's shared."""
+    from safetensors.numpy import load_file
+
+    state = load_file(os.path.join(pipeline, subfolder, "model.safetensors"))
+    keys = [k for k in state if k.endswith(("token_embedding.weight", "embed_tokens.weight", "shared.weight"))]
+    assert len(keys) == 1, sorted(state)
+    return state[keys[0]].astype(np.float64)
+
+
+def mean_nonzero_norm(weight):
+    """The mean L2 norm of the non-zero rows of a float64 numpy table (the norm m DTI takes, computed here)."""
+    norms = np.sqrt((weight * weight).sum(axis=1))
+    return float(norms[norms > 0].mean())
 
 
 @pytest.fixture(scope="session")

@@ -223,6 +223,37 @@ def test_two_project_runs_in_one_process_learn_the_same_vectors(tmp_path):
     torch.testing.assert_close(second["vectors"], first["vectors"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("model", ["sana", "wan"])
+def test_family_benchmark_runs_the_authors_step_and_the_script_in_one_process(model, tmp_path, capsys, request):
+    """--model sana / wan --tiny on the CPU, in this process: the reproduction of the authors' step (the VAE and the
+    full-length text encoding every micro-batch) and the script's own main(), both 2 x 2 images a step."""
+    import benchmark_training
+
+    # the session's tiny pipeline where the benchmark looks for the one it would build (it reuses a built one)
+    os.symlink(request.getfixturevalue(f"tiny_{model}"), tmp_path / f"pipeline-{model}-tiny")
+    out = tmp_path / "results.json"
+    argv = [
+        "--tiny",
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    results = benchmark_training.main(argv)
+    assert json.loads(out.read_text())["model"] == model
+    assert (results["resolution"], results["batch"], results["reference"]["steps_run"]) == (32, 2, 3)
+    for loop in ("reference", "project"):
+        assert results[loop]["ms_per_step"] > 0
+    assert results["speedup"] == pytest.approx(results["reference"]["ms_per_step"] / results["project"]["ms_per_step"])
+    assert "reference (the authors' step):" in capsys.readouterr().out
+
+
 @pytest.mark.subprocess
 def test_gpu_checks_run_in_tiny_mode_and_pass(tmp_path):
     """benchmarks/gpu_checks.sh, what a GPU session runs before a release, here on tiny pipelines on the CPU: every

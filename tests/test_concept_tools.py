@@ -11,9 +11,9 @@ from PIL import Image
 
 from dti_concepts import convert_embedding, inspect_embedding, main, read_concept, slerp_embeddings, strip_label_height
 from dti_files import save_embedding_file
-from dti_training import plot_training_curves
 from dti_utils import DTIError, DTIWarning
 from dti_utils import projx as retract
+from dti_validation import plot_training_curves
 
 from conftest import angle, disk_state, one_error, read_embeds
 

@@ -679,3 +679,37 @@ def test_sd_card_for_a_hub_base_and_an_existing_card(monkeypatch, tmp_path):
     front, _ = _front_and_snippets(text)
     assert front["license"] == "mit" and "# My own card" in text and "load_textual_inversion" not in text
     assert front["tags"] == ["diffusers"] + [t.replace("-xl", "") for t in TAGS_SDXL if t != "diffusers"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# dti_files.load_textual_inversion: one loader for every family (SANA and Wan: tests/test_train_sana.py, _wan.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_one_loader_puts_sd_and_sdxl_files_of_every_form_into_their_encoders(tiny_sd, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from dti_utils import DTIError
+
+    gen = torch.Generator().manual_seed(0)
+    sd = ConceptEmbedding("<sd-toy>", {"text_encoder": torch.randn(2, SD_DIM, generator=gen)})
+    dti_files.write_diffusers(sd, str(tmp_path / "sd"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    assert dti_files.load_textual_inversion(pipe, str(tmp_path / "sd")) == "<sd-toy>"  # diffusers expands it
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<sd-toy>", "<sd-toy>_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], sd.vectors["text_encoder"])
+
+    vectors = {name: torch.randn(1, dim, generator=gen) for name, dim in zip(dti_files.ENCODERS, SDXL_DIMS)}
+    xl = ConceptEmbedding("<xl-toy>", vectors)
+    dti_files.write_diffusers(xl, str(tmp_path / "xl"), single_file=True)  # the pair and the clip_l/clip_g file
+    for path in (tmp_path / "xl", tmp_path / "xl" / "xl-toy.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        assert dti_files.load_textual_inversion(pipe, str(path)) == "<xl-toy>"
+        for name, tok in (("text_encoder", pipe.tokenizer), ("text_encoder_2", pipe.tokenizer_2)):
+            row = getattr(pipe, name).get_input_embeddings().weight[tok.convert_tokens_to_ids("<xl-toy>")]
+            assert torch.equal(row, vectors[name][0])
+
+    sana = ConceptEmbedding("<s>", {"text_encoder": torch.randn(1, SD_DIM)}, {"text_encoder": {"family": "sana"}})
+    dti_files.write_diffusers(sana, str(tmp_path / "sana.safetensors"))
+    with pytest.raises(DTIError, match=r"is an embedding for SANA .* but the pipeline is SDXL"):
+        dti_files.load_textual_inversion(pipe, str(tmp_path / "sana.safetensors"))

@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+r"""Directional Textual Inversion for Wan 2.1: DTI on the UMT5 text encoder, trained with flow matching on one-frame
+videos.
+
+    python train_directional_textual_inversion_wan.py \
+      --train_data_dir ./cat_toy --placeholder_token "<cat-toy>" --initializer_token toy \
+      --mixed_precision bf16 --output_dir cat-toy-dti-wan --validation_prompt "a <cat-toy> on a beach"
+
+The defaults are the authors' Wan recipe (kunheek/dti, exps/ours_wan.py): Wan2.1-T2V-1.3B, 512 px stills as one-frame
+videos, batch 2 x accumulation 2, learning rate 0.01 scaled by the batch (0.04 rad a step), 500 steps, kappa 5e-5,
+no flip. Prompts are encoded as WanPipeline encodes them (UMT5 with the attention mask, each prompt cut to its length
+and zero-padded to 512 tokens), UMT5 running only as far as the longest prompt of the batch. The UMT5 table is larger
+than the tokenizer: the new tokens take unused rows, and the table keeps its shape.
+
+Output: learned_embeds.safetensors, {token: float32 (num_vectors, 4096)}, raw UMT5 rows at the mean norm of the rows
+the tokenizer reaches. WanPipeline has no load_textual_inversion: `word = dti_files.load_textual_inversion(pipe,
+output_dir)` writes the rows into the table and returns the word to write in prompts. --validation_prompt renders one
+frame as an image; --validation_frames N (4k + 1) also renders an N-frame clip.
+"""
+
+import argparse
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.optimization import get_scheduler
+from diffusers.utils import check_min_version
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+import dti_cli as cli
+import dti_data as data_lib
+import dti_files as files
+import dti_training as training
+from dti_graphs import unet_for_training
+from dti_hub import create_hub_repo
+from dti_utils import DTIError, RiemannianSGD, add_directional_embedding, resolve_tokens
+from dti_validation import Validation, plot_training_curves
+
+
+check_min_version("0.42.0")
+logger = get_logger(__name__)
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+DEFAULT_STEPS = 500  # the authors' Wan recipe
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s (its encode_prompt's default is 226)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_training_args(
+        parser,
+        default_model=DEFAULT_MODEL,
+        default_resolution=512,
+        default_flip_p=0.0,
+        default_kappa=5e-5,
+        default_batch_size=2,
+        default_accumulation=2,
+        default_steps=DEFAULT_STEPS,
+    )
+    parser.add_argument(
+        "--validation_frames",
+        type=cli.positive_int,
+        default=1,
+        help="Frames that validation renders: 1 (default) renders one frame, saved as an image; N = 4k + 1 (5, 9, "
+        "...) also renders an N-frame clip, saved as MP4 through diffusers' export_to_video where imageio is "
+        "installed, else as an animated WebP, and logged to the trackers (the PNG is its first frame).",
+    )
+    cli.add_text_encoder_float32_arg(parser, "about 11 GB (UMT5-XXL)")
+    args = cli.check_args(parser.parse_args(argv), unet=False)
+    if args.validation_frames % 4 != 1:
+        raise DTIError(
+            f"--validation_frames {args.validation_frames} is not 4k + 1, the frame counts Wan's VAE makes (4x in "
+            f"time); use {args.validation_frames // 4 * 4 + 1}."
+        )
+    if args.learning_rate is None:
+        args.learning_rate = cli.DEFAULT_LEARNING_RATES[args.optimizer]
+    return args
+
+
+def encode_prompt(text_encoder, batch, max_sequence_length=MAX_SEQUENCE_LENGTH):
+    """Wan's conditioning as WanPipeline.encode_prompt computes it (UMT5 with the attention mask; each prompt's rows
+    cut to its length and zero-padded to 512, no mask to the transformer), with UMT5 run only as far as the
+    micro-batch's longest prompt reaches: the padding is masked out, so the real tokens' rows are those of the
+    512-token pass (to float32 rounding), at a fraction of UMT5-XXL's cost. Returns hidden states (B, 512, d)."""
+    length = batch["max_length"]
+    ids = batch["input_ids"][0][:, :length]
+    mask = torch.arange(length, device=ids.device) < batch["lengths"].unsqueeze(1)
+    hidden = text_encoder(ids, attention_mask=mask.long()).last_hidden_state  # the placeholder rows are m * v
+    hidden = torch.where(mask.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return F.pad(hidden, (0, 0, 0, max_sequence_length - length))
+
+
+def main(args, callback=None):
+    """Train; returns a namespace with the step reached, the embedding, the optimizer, the data and the files.
+    `callback(step, loss=..., finite=..., embeddings=..., optimizer=...)` runs after every optimizer step."""
+    timer = training.StartupTimer()
+    model = {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+    }
+    index = cli.check_model(args.pretrained_model_name_or_path, "wan", args.revision, args.cache_dir)
+    cli.check_variant(args.pretrained_model_name_or_path, args.variant, ("transformer", "vae", "text_encoder"))
+    cli.check_resolution(args.pretrained_model_name_or_path, "wan", args.resolution, args.revision, args.cache_dir)
+    session = training.training_session(
+        output_dir=args.output_dir,
+        logging_dir=args.logging_dir,
+        mixed_precision=args.mixed_precision,
+        report_to=args.report_to,
+    )
+    with session as (accelerator, stop):
+        # -- Checks that need no model: output folder, tokens, resume, images; they fail here, before gigabytes load --
+        if accelerator.is_main_process:
+            cli.prepare_output_dir(
+                args.output_dir,
+                resuming=args.resume_from_checkpoint is not None,
+                overwrite=args.overwrite_output_dir,
+            )
+        tokenizer = AutoTokenizer.from_pretrained(**model, subfolder="tokenizer")
+        tokens, init_ids = resolve_tokens(
+            tokenizer,
+            args.placeholder_token,
+            args.initializer_token,
+            num_vectors=args.num_vectors,
+            allow_multi_token=args.allow_multi_token_initializer,
+        )
+        if tokens[0] != args.placeholder_token:  # written as the tokenizer reads it (resolve_tokens warned)
+            if args.validation_prompt:
+                args.validation_prompt = args.validation_prompt.replace(args.placeholder_token, tokens[0])
+            args.placeholder_token = tokens[0]
+        images = data_lib.load_training_images(
+            train_data_dir=args.train_data_dir,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            image_column=args.image_column,
+            cache_dir=args.cache_dir,
+            caption_column=args.caption_column,
+        )
+        data_lib.warn_small_images(images, args.resolution)
+        data_lib.check_prompts(
+            [tokenizer],
+            images,
+            tokens,
+            learnable_property=args.learnable_property,
+            caption_token=args.caption_token,
+            max_length=MAX_SEQUENCE_LENGTH,
+            preprocess=diffusers.pipelines.wan.pipeline_wan.prompt_clean,
+            joiner="",
+        )
+        epoch = training.steps_per_epoch(
+            num_images=len(images),
+            repeats=args.repeats,
+            batch_size=args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=args.gradient_accumulation_steps,
+        )
+        if args.max_train_steps is None:  # whole epochs with --num_train_epochs, else the recipe's 500 steps
+            args.max_train_steps = args.num_train_epochs * epoch if args.num_train_epochs else DEFAULT_STEPS
+        if args.validation_epochs is not None:  # diffusers' deprecated flag, in steps
+            args.validation_steps = args.validation_epochs * epoch
+            logger.warning(f"--validation_epochs is deprecated; validating every {args.validation_steps} steps.")
+        checkpoint_path, checkpoint = training.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is not None:  # the checkpoint's seed continues its data order and noise
+            args.seed = training.check_resume(
+                checkpoint_path,
+                checkpoint,
+                flags=vars(args),
+                family="wan",
+                tokens=tokens,
+                init_ids=[init_ids],
+                num_processes=accelerator.num_processes,
+            )
+        args.seed = cli.resolve_seed(args.seed)  # drawn and logged when not given
+        # The run's identity, kept in its checkpoints (a resume keeps it): only this run's checkpoints are pruned.
+        run_id = checkpoint.get("run_id") if checkpoint is not None else None
+        run_id = run_id or uuid.uuid4().hex[:12]
+        if args.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        cli.init_trackers(
+            accelerator,
+            "directional_textual_inversion_wan",
+            config=vars(args),
+            validation_prompt=args.validation_prompt,
+            placeholder_token=args.placeholder_token,
+        )
+        hub_repo = None
+        if args.push_to_hub and accelerator.is_main_process:  # made now: a bad token fails before training
+            name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            hub_repo = create_hub_repo(name, token=args.hub_token, private=args.hub_private)
+        timer.mark("checks")
+
+        # -- 1. Load the models, each straight in the dtype it runs in: the transformer in the mixed-precision dtype,
+        #       UMT5 in bf16 under bf16 (as the authors; else float32, or with --text_encoder_float32), the VAE float32
+        #       (it encodes once, and decodes validation frames as WanPipeline recommends) --
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(**model, subfolder="scheduler")  # shift 1
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            **model,
+            subfolder="text_encoder",
+            variant=args.variant,
+            dtype=training.text_encoder_dtype(weight_dtype, float32=args.text_encoder_float32),
+        )
+        vae = AutoencoderKLWan.from_pretrained(**model, subfolder="vae", variant=args.variant, dtype=torch.float32)
+        transformer = WanTransformer3DModel.from_pretrained(
+            **model, subfolder="transformer", variant=args.variant, dtype=weight_dtype
+        )
+        training.freeze_models(
+            transformer,
+            vae,
+            [text_encoder],
+            device=accelerator.device,
+            xformers=args.enable_xformers_memory_efficient_attention,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+
+        # Validation renders with the models in memory and the model's own scheduler (flow UniPC, shift 3) at the
+        # training resolution: one frame (an image), or a clip of --validation_frames. With --evaluate_steps the
+        # scoring models load now (their weights at the first score).
+        def make_pipeline():
+            return diffusers.WanPipeline(
+                tokenizer=tokenizer,
+                text_encoder=text_encoder,
+                vae=vae,
+                transformer=transformer,
+                scheduler=getattr(diffusers, index["scheduler"][1]).from_pretrained(**model, subfolder="scheduler"),
+            )
+
+        validation = Validation(
+            make_pipeline,
+            accelerator,
+            prompt=args.validation_prompt,
+            num_images=args.num_validation_images,
+            num_inference_steps=args.num_validation_inference_steps,
+            every=args.validation_steps,
+            seed=args.seed,
+            weight_dtype=weight_dtype,
+            output_dir=args.output_dir,
+            stop=stop,
+            evaluate_steps=args.evaluate_steps,
+            evaluation_models=args.evaluation_models,
+            reference_images=[im.image for im in images],
+            placeholder_token=args.placeholder_token,
+            class_word=args.initializer_token,
+            cache_dir=args.cache_dir,
+            call_kwargs={"height": args.resolution, "width": args.resolution, "num_frames": args.validation_frames},
+        )
+        timer.mark("models")
+
+        # -- 2. Add the placeholder tokens and install their directional embedding in UMT5 (in both of its tied
+        #       modules, `shared` and `encoder.embed_tokens`): the new ids fall on unused rows, the table keeps its
+        #       shape; the tokens get m * v (m over the rows the tokenizer reaches), only v trains --
+        embedding = add_directional_embedding(
+            tokenizer, text_encoder, tokens, init_ids, token_scale=args.token_scale, classic=args.optimizer == "adamw"
+        )
+
+        # -- 3. Data: every distinct view VAE-encoded once as a one-frame video (the posterior's mode, normalised by
+        #       the VAE's latents_mean/std); the prompts (templates and captions, cleaned as WanPipeline cleans them,
+        #       the tokens joined without spaces) tokenized once --
+        res = args.resolution
+        with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
+            resized = list(pool.map(lambda image: data_lib.resized_shorter_side(image.image, res), images))
+        keys, view_index = data_lib.build_views(
+            resized,
+            lambda image: data_lib.crop_positions(image, res, args.center_crop, args.crop_positions),
+            flip=args.flip_p > 0,
+        )
+        means, _ = data_lib.encode_views(
+            vae,
+            keys,
+            lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)),
+            accelerator.device,
+            encode=data_lib.wan_latents,
+        )
+        prompt_ids, caption_rows, prompt_lengths = data_lib.training_prompts(
+            [tokenizer],
+            images,
+            tokens,
+            learnable_property=args.learnable_property,
+            device=accelerator.device,
+            caption_token=args.caption_token,
+            max_length=MAX_SEQUENCE_LENGTH,
+            preprocess=diffusers.pipelines.wan.pipeline_wan.prompt_clean,  # read from the lazy module: see validation
+            joiner="",
+            lengths=True,
+        )
+        data = data_lib.TrainingData(
+            means,
+            None,
+            view_index,
+            prompt_ids,
+            repeats=args.repeats,
+            flip_p=args.flip_p,
+            seed=args.seed,
+            caption_rows=caption_rows,
+            caption_dropout=args.caption_dropout,
+            prompt_lengths=prompt_lengths,
+        )
+        schedule = data_lib.flow_schedule(noise_scheduler, accelerator.device)
+        timer.mark("latents")
+
+        # -- 4. The optimizer. DTI: Riemannian SGD on the direction, with the vMF prior toward the initializer.
+        #       Classic TI (--optimizer adamw): AdamW on the free embedding, for comparison. --
+        params = [embedding.param]
+        lr = training.scaled_learning_rate(
+            args.learning_rate,
+            scale_lr=args.scale_lr,
+            batch_size=args.train_batch_size,
+            accumulation=args.gradient_accumulation_steps,
+            num_processes=accelerator.num_processes,
+        )
+        if args.optimizer == "rsgd":
+            optimizer = RiemannianSGD(params, lr=lr, kappa=args.kappa, beta=args.rsgd_beta)
+        else:  # fused: skips a non-finite step on the device, like RiemannianSGD
+            optimizer = torch.optim.AdamW(
+                params,
+                lr=lr,
+                betas=(args.adam_beta1, args.adam_beta2),
+                weight_decay=args.adam_weight_decay,
+                eps=args.adam_epsilon,
+                fused=True,
+            )
+
+        # -- 5. Resume: the directions and the optimizer's state; the flags of this run govern --
+        global_step, history = 0, []
+        if checkpoint is not None:
+            global_step, history = training.restore_training_state(
+                checkpoint_path, checkpoint, [embedding], optimizer, scaler=accelerator.scaler
+            )
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=args.max_train_steps,
+            num_cycles=args.lr_num_cycles,
+            last_epoch=global_step - 1,
+        )
+        optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the gradients are averaged by hand (a few KB)
+        train_transformer = unet_for_training(  # CUDA graphs capture the UNets only: eager, or --compile
+            transformer,
+            cuda_graphs="off",
+            compile=args.compile,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+
+        # The files the main process writes: embeddings (with how they were made), checkpoints, the upload.
+        run_files = training.RunFiles(
+            args.output_dir,
+            [embedding],
+            family="wan",
+            token=args.placeholder_token,
+            base_model=args.pretrained_model_name_or_path,
+            initializer_token=args.initializer_token,
+            token_scale=args.token_scale,
+            kappa=args.kappa,
+            seed=args.seed,
+            optimizer=optimizer,
+            scaler=accelerator.scaler,
+            history=history,
+            flags={**vars(args), "num_processes": accelerator.num_processes},
+            run_id=run_id,
+            init_ids=[init_ids],
+            safe_serialization=not args.no_safe_serialization,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+        )
+        stop.save_on_abort = lambda: run_files.save(global_step)  # an error or a second Ctrl-C: keep what was learned
+
+        # -- 6. The training loop --
+        training.log_run_start(
+            data,
+            [embedding],
+            batch_size=args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=args.gradient_accumulation_steps,
+            optimizer=args.optimizer,
+            learning_rate=lr,
+            steps=args.max_train_steps,
+            seed=args.seed,
+        )
+        logger.info(f"  Prompt word {files.prompt_word(tokens, 'wan')}")
+        startup = timer.report()
+        window = training.LossWindow(args.log_steps, accelerator.device)
+        progress = tqdm(
+            range(args.max_train_steps),
+            initial=global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        accum, rank, world = args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+        while global_step < args.max_train_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                micro_step = global_step * accum + micro
+                batch = data.batch(micro_step, args.train_batch_size, world, rank)
+                hidden = encode_prompt(text_encoder, batch)
+                loss = data_lib.flow_matching_loss(
+                    train_transformer,
+                    schedule,
+                    batch,
+                    hidden,
+                    generator=data_lib.step_generator(args.seed, micro_step, rank, accelerator.device),
+                    weight_dtype=weight_dtype,
+                )
+                loss = loss / accum
+                accelerator.backward(loss)
+                step_loss = step_loss + loss.detach()
+            training.average_gradients(accelerator, params)
+            finite = training.guard_nonfinite_step(optimizer, step_loss, params)  # skipped on the device: no sync
+            optimizer.step()  # <- the embedding update: v turns along the sphere and stays unit (rsgd), or e moves
+            lr_scheduler.step()  #    freely (adamw)
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            window.add(step_loss, finite)
+            if callback is not None:
+                callback(global_step, loss=step_loss, finite=finite, embeddings=[embedding], optimizer=optimizer)
+
+            last = global_step == args.max_train_steps
+            synced = window.due(last)
+            if synced:  # one device->host read every --log_steps steps: progress bar, trackers, history
+                window.report(
+                    global_step,
+                    accelerator,
+                    [embedding],
+                    output_dir=args.output_dir,
+                    lr=optimizer.param_groups[0]["lr"],
+                    history=history,
+                    progress=progress,
+                )
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0:
+                    run_files.save(global_step, suffix=f"-steps-{global_step}")
+                if global_step % args.checkpointing_steps == 0:
+                    run_files.checkpoint(global_step)
+                if validation.due(global_step, last):  # images, nearest tokens and, with --evaluate_steps, scores
+                    validation.run(global_step, [embedding], [tokenizer])
+            if stop.check(accelerator, synced):
+                break
+        progress.close()
+
+        # -- 7. Final files, validation and push --
+        accelerator.wait_for_everyone()
+        result = SimpleNamespace(
+            global_step=global_step,
+            embeddings=[embedding],
+            optimizer=optimizer,
+            data=data,
+            history=history,
+            files=[],
+            startup=startup,
+            weight_dtype=weight_dtype,
+            transformer=transformer,
+            text_encoder=text_encoder,
+            exit_code=128 + stop.signum if stop.requested else 0,
+        )
+        if accelerator.is_main_process:
+            stop.save_on_abort = None  # the final save rescues the embedding itself if it cannot be written
+            result.files = run_files.save(global_step)
+            if not stop.requested:
+                plot_training_curves(history, f"{args.output_dir}/training_curves.png")
+                validation.run(global_step, [embedding], [tokenizer], final=True)
+            if stop.requested:  # before or during the final validation
+                run_files.stopped(global_step)
+                result.exit_code = 128 + stop.signum
+                return result
+            if args.save_as_full_pipeline:
+                text_encoder.set_input_embeddings(embedding.fold())
+                pipeline = diffusers.WanPipeline.from_pretrained(
+                    **model, text_encoder=text_encoder, vae=vae, transformer=transformer, tokenizer=tokenizer
+                )
+                pipeline.save_pretrained(args.output_dir, safe_serialization=not args.no_safe_serialization)
+            if hub_repo:
+                run_files.push(
+                    hub_repo,
+                    hub_token=args.hub_token,
+                    push_checkpoints=args.push_checkpoints,
+                    image_paths=validation.images,
+                    steps=args.max_train_steps,
+                    validation_prompt=args.validation_prompt,
+                    details={
+                        "images": len(images),
+                        "steps": global_step,
+                        "learning rate": f"{lr:g} (batch {args.train_batch_size} x {accum} x {world})",
+                        "resolution": args.resolution,
+                        "mixed precision": accelerator.mixed_precision,
+                        "optimizer": args.optimizer,
+                        "seed": args.seed,
+                    },
+                )
+            run_files.done(result.files)
+        return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run_cli(main, parse_args))
