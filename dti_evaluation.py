@@ -73,7 +73,7 @@ QUICK_STEPS = 30
 
 def load_with_diffusers(pipeline, concept, token, encoders):
     """The concept's vectors under `token` through diffusers' load_textual_inversion, one call per text encoder
-    (SD: text_encoder; SDXL: both, same token), as users load them."""
+    (SD: text_encoder; SDXL: both, same token), as users load them. Returns the word to write in prompts."""
     for encoder, tokenizer in encoders:
         pipeline.load_textual_inversion(
             concept.vectors[encoder].float(),
@@ -81,6 +81,13 @@ def load_with_diffusers(pipeline, concept, token, encoders):
             text_encoder=getattr(pipeline, encoder),
             tokenizer=getattr(pipeline, tokenizer),
         )
+    return token
+
+
+def load_with_project_loader(pipeline, concept, token, encoders):
+    """SANA and Wan, whose pipelines have no loader: dti_files.load_concept (rows written into the text encoder's
+    table, the tokens joined without spaces). Returns the word to write in prompts."""
+    return files.load_concept(pipeline, concept, token=token)
 
 
 @dataclass(frozen=True)
@@ -91,17 +98,21 @@ class Family:
     the embedding's vectors (dti_files.ENCODERS); paper_call: the pipeline's own defaults that the authors' evaluation
     generates with (it passes none: steps, guidance, and for video models the size, num_frames=1 and
     output_type="pil"), written out so that metrics.json records them; load(pipeline, concept, token, encoders) puts an
-    embedding in the pipeline under `token`; pipeline_kwargs go to from_pretrained; first_frame: the pipeline returns
+    embedding in the pipeline under `token` and returns the word to write in prompts; pipeline_kwargs go to
+    from_pretrained; every_call: arguments of every call, whatever the protocol; first_frame: the pipeline returns
     videos (`.frames`), of which the first frame is the image; quick_scheduler: the scheduler class of the quick
-    protocol (None: the model's own)."""
+    protocol (None: the model's own); half: the half precision its text encoder runs in (Gemma and T5 overflow in
+    fp16)."""
 
     pipeline: str
     encoders: tuple
     paper_call: dict
     load: Callable = load_with_diffusers
     pipeline_kwargs: dict = field(default_factory=dict)
+    every_call: dict = field(default_factory=dict)
     first_frame: bool = False
     quick_scheduler: str = "DPMSolverMultistepScheduler"
+    half: str = "fp16"
 
 
 FAMILIES = {
@@ -115,6 +126,25 @@ FAMILIES = {
         pipeline="StableDiffusionXLPipeline",
         encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
         paper_call={"num_inference_steps": 50, "guidance_scale": 5.0},
+    ),
+    "sana": Family(  # the authors keep SanaPipeline's complex human instruction; clean_caption would strip <token>
+        pipeline="SanaPipeline",
+        encoders=(("text_encoder", "tokenizer"),),
+        paper_call={"num_inference_steps": 20, "guidance_scale": 4.5},
+        load=load_with_project_loader,
+        every_call={"clean_caption": False},
+        quick_scheduler=None,
+        half="bf16",
+    ),
+    "wan": Family(  # one frame of a 480 x 832 video, as the authors evaluate
+        pipeline="WanPipeline",
+        encoders=(("text_encoder", "tokenizer"),),
+        paper_call={"num_inference_steps": 50, "guidance_scale": 5.0, "height": 480, "width": 832},
+        load=load_with_project_loader,
+        every_call={"num_frames": 1, "output_type": "pil"},
+        first_frame=True,
+        quick_scheduler=None,
+        half="bf16",
     ),
 }
 
@@ -164,8 +194,9 @@ def generation_settings(protocol, family, index, *, device, steps, guidance, res
         call = {"num_inference_steps": steps or QUICK_STEPS}
         if guidance is not None:
             call["guidance_scale"] = guidance
-        precision = precision or ("fp16" if device.type == "cuda" else "no")
+        precision = precision or (fam.half if device.type == "cuda" else "no")
         generator_device, deviations = "cpu", []
+    call.update(fam.every_call)
     if resolution is not None:
         call.update(height=resolution, width=resolution)
         if protocol == "paper":
@@ -565,11 +596,11 @@ def describe_method(meta):
 def check_fits(concept, path, *, model, family, widths):
     """The embedding has vectors for the family's text encoders, of their widths, or one sentence."""
     names = [encoder for encoder, _ in FAMILIES[family].encoders]
-    if sorted(concept.vectors) != sorted(names):
-        kind = "SDXL" if concept.sdxl else "SD 1.x/2.x"
+    if sorted(concept.vectors) != sorted(names) or concept.family not in (None, family):
+        kind = files.FAMILIES[concept.family or "sd"]
         raise DTIError(
-            f"--embeddings {path} is an {kind} embedding but --model {model} is {FAMILIES[family].pipeline}; pass the "
-            "base model it was trained on."
+            f"--embeddings {path} is an embedding for {kind} but --model {model} is {FAMILIES[family].pipeline}; pass "
+            "the base model it was trained on."
         )
     for name, vectors in concept.vectors.items():
         if vectors.shape[1] != widths[name]:

@@ -50,6 +50,7 @@ __all__ = [
     "pipeline_family",
     "prompt_word",
     "load_textual_inversion",
+    "load_concept",
 ]
 
 FAMILIES = {  # model family: what the files and messages call it
@@ -633,7 +634,12 @@ def load_textual_inversion(pipeline, path, token=None):
     SANA and Wan, whose pipelines have no loader, get the tokens added to their tokenizer and the raw rows written into
     the text encoder's table (see _write_rows). SANA lowercases prompts, so its tokens must be lowercase; its
     `clean_caption=True` would strip a `<token>` from the prompt."""
-    concept = read_concept(path)
+    return load_concept(pipeline, read_concept(path), token=token, source=path)
+
+
+def load_concept(pipeline, concept, token=None, source=None):
+    """load_textual_inversion for a concept already read (ConceptEmbedding); `source` names it in errors."""
+    path = source or concept.source or concept.token
     family = pipeline_family(pipeline)
     if concept.family not in (None, family) or concept.sdxl != (family == "sdxl"):
         raise DTIError(

@@ -380,11 +380,11 @@ def generate(pending, entries, *, args, family, settings, call, device, prompt_o
         if not mine:
             continue
         token = f"<dti-eval-{i}>"
-        ev.FAMILIES[family].load(pipe, e.concept, token, encoders)
+        word = ev.FAMILIES[family].load(pipe, e.concept, token, encoders)  # SANA/Wan: the tokens joined
         os.makedirs(os.path.dirname(e.settings_path), exist_ok=True)
         files.write_text(e.settings_path, json.dumps(e.settings, indent=2))
         for batch in batches(mine, args.batch_size):
-            prompts = [prompt_of(job).replace("{}", token) for job in batch]
+            prompts = [prompt_of(job).replace("{}", word) for job in batch]
             generators = [torch.Generator(settings["generator_device"]).manual_seed(job[3]) for job in batch]
             for (*_, path), image in zip(batch, ev.render(pipe, family, prompts, generators, call)):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -697,9 +697,16 @@ def main(argv=None):
         reference_run(args, folder, images_dir, args.steps, args.warmup)
         return 0
 
+    import accelerate
+    import diffusers
+    import transformers
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    versions.update(transformers=transformers.__version__, accelerate=accelerate.__version__)
+    print(" ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
     results = {
         "device": torch.cuda.get_device_name() if gpu else "cpu",
-        "torch": torch.__version__,
+        **versions,
         "model": args.model,
         "tiny": args.tiny,
         "resolution": args.resolution,

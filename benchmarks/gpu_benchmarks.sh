@@ -12,7 +12,8 @@
 # limit per command, run "sd15 sdxl" and then "compile" with the same OUT. Offline machines without diffusers:
 # `pip download --no-deps diffusers==0.42.1 -d .whl` beforehand, there `pip install --no-deps --target /tmp/site
 # .whl/*.whl` and PYTHONPATH=/tmp/site (the other requirements are in any CUDA PyTorch image with transformers). DTI_BENCH_ARGS is appended to every
-# benchmark command (the test suite runs this file with DTI_BENCH_ARGS="--tiny --steps 2 ...").
+# benchmark command (the test suite runs this file with DTI_BENCH_ARGS="--tiny --steps 2 ..."). Each stage prints the
+# library versions and records them in its JSON.
 set -uo pipefail
 out=${1:?usage: gpu_benchmarks.sh OUT [sd15|sdxl|compile ...]}
 shift
@@ -23,7 +24,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$py" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" || exit 1
 status=0
 for stage in "${stages[@]}"; do
   start=$SECONDS

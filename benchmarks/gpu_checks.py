@@ -212,7 +212,9 @@ def main(argv=None):
                 )
         else:
             steps = 2 if args.tiny else 10
-            for precision in ("bf16", "fp16"):
+            # bf16 is the recipe; fp16 keeps the VAE float32 (force_upcast). On the CPU (--tiny) the SD runs above
+            # already check bf16, so only the fp16 validation runs here.
+            for precision in ("fp16",) if args.tiny else ("bf16", "fp16"):
                 out = os.path.join(args.out, f"sdxl-{precision}")
                 proc, seconds = train(
                     model,

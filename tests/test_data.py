@@ -34,6 +34,10 @@ from conftest import (
 )
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_data")
+
+
 RES = 32
 
 

@@ -18,6 +18,10 @@ from dti_data import (
 )
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_equivalence")
+
+
 @pytest.fixture(scope="module")
 def models(tiny_sd):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -231,7 +231,8 @@ def test_checkpoint_gives_the_vectors_saved_at_its_step(sd_args, tiny_sd, tmp_pa
     [
         ("no_references", "--reference_images"),
         ("width", "holds 48-dim vectors for text_encoder"),
-        ("sdxl_file", "is an SDXL embedding"),
+        ("sdxl_file", "is an embedding for SDXL but --model"),
+        ("sana_file", "is an embedding for SANA (Gemma-2 text encoder) but --model"),
         ("unknown_set", "--prompts 'fancy' is neither a built-in set"),
         ("no_braces", "line 2 has no {}"),
     ],
@@ -261,6 +262,8 @@ def test_bad_input_is_one_error_line_before_any_model_loads(case, expected, tiny
         save_file({"<a>": torch.randn(1, 48)}, str(tmp_path / "ok.safetensors"))
     elif case == "sdxl_file":
         save_file({"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}, str(tmp_path / "ok.safetensors"))
+    elif case == "sana_file":  # the same width as the SD model's: only the stated family tells them apart
+        save_file({"<a>": torch.randn(1, 32)}, str(tmp_path / "ok.safetensors"), metadata={"family": "sana"})
     elif case == "unknown_set":
         argv[9] = "fancy"
     else:
@@ -464,3 +467,41 @@ def test_scoring_models_neither_cached_nor_reachable_fail_at_once(monkeypatch):
     finally:
         dti_hub.hub_unreachable.cache_clear()
     assert time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# SANA and Wan: generated through the project's loader, the tokens joined as the loader returns them
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sana", "wan"])
+def test_sana_and_wan_embeddings_are_generated_through_the_loader(family, request, encoders, tmp_path):
+    """The evaluation's image equals one made by hand: the family's pipeline from the model folder, the embedding put
+    in by dti_files.load_textual_inversion, its returned word in the prompt, the same seed and call."""
+    import diffusers
+
+    import dti_files
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    (tmp_path / "refs").mkdir()
+    noise_image(30).save(tmp_path / "refs" / "0.png")
+    vectors = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    save_file({"<toy>": vectors}, str(tmp_path / "emb.safetensors"), metadata={"family": family})
+    (tmp_path / "one.txt").write_text("a photo of a {}\n")
+    argv = ["--model", model, "--embeddings", tmp_path / "emb.safetensors", "--reference_images", tmp_path / "refs"]
+    argv += ["--class_word", "toy", "--prompts", tmp_path / "one.txt", "--seeds", "1", "--num_inference_steps", "2"]
+    argv += ["--resolution", "32", "--output_dir", tmp_path / "eval"]
+    argv += [f"--{name}_model={path}" for name, path in encoders.items()]
+    result = run_eval([str(a) for a in argv])
+    assert result.generated == 1 and result.result["family"] == family
+    (made,) = glob.glob(str(tmp_path / "eval" / "images" / "*" / "one" / "*.png"))
+
+    pipe = getattr(diffusers, "SanaPipeline" if family == "sana" else "WanPipeline").from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    word = dti_files.load_textual_inversion(pipe, str(tmp_path / "emb.safetensors"), token="<dti-eval-0>")
+    assert word == "<dti-eval-0><dti-eval-0>_1"  # two vectors, joined without a space
+    call = {"num_inference_steps": 2, "height": 32, "width": 32, "generator": torch.Generator().manual_seed(0)}
+    call.update({"clean_caption": False} if family == "sana" else {"num_frames": 1, "output_type": "pil"})
+    output = pipe([f"a photo of a {word}"], **call)
+    by_hand = output.images[0] if family == "sana" else output.frames[0][0]
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(by_hand))

@@ -24,6 +24,10 @@ from dti_utils import DTIWarning
 from conftest import angle, sd_argv
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_interop")
+
+
 SD_DIM, SDXL_DIMS = 32, (32, 64)  # the tiny pipelines' text encoder widths
 
 

@@ -35,6 +35,10 @@ from conftest import (
 )
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_train_sd")
+
+
 DEFAULTS = script_defaults()  # the SD script's defaults, read from its parser
 LR = DEFAULTS.learning_rate  # batch 1 x 1 process x 1 accumulation keeps it under --scale_lr
 

@@ -29,6 +29,10 @@ from conftest import REPO_ROOT, StepRecorder, angle, read_embeds, sd_argv, subpr
 from conftest import run_inprocess as run_script_inprocess
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_train_sdxl")
+
+
 SDXL_SCRIPT = os.path.join(REPO_ROOT, "train_directional_textual_inversion_sdxl.py")
 
 TOKEN = "<toy>"

@@ -29,6 +29,10 @@ from conftest import (
 )
 
 
+# Module fixtures train models: one worker runs this file's tests, so they are made once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_train_wan")
+
+
 TOKEN = "<toy>"
 RES = 32
 TOKENIZER_SIZE, TABLE_ROWS = 300, 320  # make_tiny_wan's
