@@ -127,7 +127,10 @@ FAMILIES = {
         encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
         paper_call={"num_inference_steps": 50, "guidance_scale": 5.0},
     ),
-    "sana": Family(  # the authors keep SanaPipeline's complex human instruction; clean_caption would strip <token>
+    # SANA and Wan: the authors publish no evaluation script for them; the protocol's rule (the pipeline's own
+    # defaults) gives SanaPipeline's 20 steps, guidance 4.5 and complex human instruction, and WanPipeline's 50 steps,
+    # guidance 5.0 and 480 x 832 size (one frame). clean_caption would strip the <token>.
+    "sana": Family(
         pipeline="SanaPipeline",
         encoders=(("text_encoder", "tokenizer"),),
         paper_call={"num_inference_steps": 20, "guidance_scale": 4.5},
@@ -136,7 +139,7 @@ FAMILIES = {
         quick_scheduler=None,
         half="bf16",
     ),
-    "wan": Family(  # one frame of a 480 x 832 video, as the authors evaluate
+    "wan": Family(
         pipeline="WanPipeline",
         encoders=(("text_encoder", "tokenizer"),),
         paper_call={"num_inference_steps": 50, "guidance_scale": 5.0, "height": 480, "width": 832},
