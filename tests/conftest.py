@@ -94,6 +94,20 @@ def token_embedding_of(state):
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session", autouse=True)
+def child_processes_write_temporary_files_under_pytest(tmp_path_factory):
+    """Child processes (torchrun's torchelastic_* log folders, a script's rescue folder) put their temporary files
+    under pytest's own folder, which pytest removes after a passing session (pytest.ini keeps only failed tests'
+    folders), so a run leaves nothing behind in /tmp."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("child-tmp"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Folder of a tiny random StableDiffusionPipeline (CLIP vocab of a few hundred tokens, dim 32)."""
