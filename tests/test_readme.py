@@ -51,6 +51,29 @@ def test_readme_uses_dtype_not_the_deprecated_torch_dtype():
     assert "dtype=torch.float16" in readme
 
 
+def test_one_gpu_training_commands_run_with_python_so_an_error_is_one_line():
+    """Before: the README's commands ran under `accelerate launch`, which follows the script's one `error:` line with
+    its own CalledProcessError traceback and exit code 1. Now every training command in a code block runs with
+    python (one line and exit 2 through that entry point: test_flags.py), but for the Multi-GPU section's, which
+    says what accelerate adds and how --quiet leaves the line alone."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    launches = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        heading = section.splitlines()[0]
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", section, re.S):
+            for before, script in re.findall(r"(\S+) (train_directional_textual_inversion\w*\.py)", block):
+                launches.append((heading, before, script))
+    scripts = {script for _, _, script in launches}
+    assert {f"train_directional_textual_inversion{s}.py" for s in ("", "_sdxl", "_sana", "_wan")} <= scripts
+    for heading, before, script in launches:
+        if heading == "Multi-GPU":
+            assert before.isdigit(), script  # accelerate launch --num_processes N script
+        else:
+            assert before.endswith("python"), (heading, before, script)
+    multi_gpu = text.split("## Multi-GPU", 1)[1].split("\n## ", 1)[0]
+    assert "CalledProcessError" in multi_gpu and "accelerate launch --quiet" in multi_gpu
+
+
 @pytest.mark.subprocess
 def test_smoke_run_as_written(tmp_path):
     # what a user has after a clone: every top-level module (new ones included) and tools/
@@ -85,9 +108,8 @@ def test_main_command_trains_on_a_folder_laid_out_like_the_cat_toy_example(tiny_
     assert argv[:2] == ["python", "train_directional_textual_inversion.py"]
     at = argv.index("--dataset_name") + 1
     assert argv[at] == "diffusers/cat_toy_example"
-    data = (
-        tmp_path / "cat_toy_example"
-    )  # the dataset repository: six JPEG photos at its top level, and a .gitattributes
+    # the dataset repository: six JPEG photos at its top level, and a .gitattributes
+    data = tmp_path / "cat_toy_example"
     data.mkdir()
     (data / ".gitattributes").write_text("*.jpeg filter=lfs diff=lfs merge=lfs -text\n")
     for i in range(6):
