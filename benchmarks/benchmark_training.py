@@ -193,6 +193,14 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def gib_text(gib):
+    return f"{gib:.2f}" if gib == gib else "n/a"  # nan on the CPU: no GPU memory to measure
+
+
+def peak_text(gib):
+    return f"peak {gib_text(gib)} GiB" if gib == gib else "peak: GPU only"
+
+
 def reset_peak():
     # The previous loop's models sit in reference cycles (closures, trainer): collect them first, or they count here.
     gc.collect()
@@ -555,7 +563,8 @@ def format_table(results):
         for name, ours, speedup, startup_cell, e2e_cell, apart, checked in variants:
             rows.append(
                 f"| {r['device']} | {r['date']} | {name} | {ref['ms_per_step']:.1f} | {ours['ms_per_step']:.1f} | "
-                f"{speedup:.2f}x | {ref['peak_gib']:.2f} / {ours['peak_gib']:.2f} | {ours['first_step_s']:.1f} | "
+                f"{speedup:.2f}x | {gib_text(ref['peak_gib'])} / {gib_text(ours['peak_gib'])} | "
+                f"{ours['first_step_s']:.1f} | "
                 f"{startup_cell} | {e2e_cell} |"
             )
             if apart is not None:
@@ -751,9 +760,9 @@ def main(argv=None):
         f"{args.mixed_precision}{' --compile' if args.compile else ''}"
     )
     label = "reference (the authors' step):" if args.model in FAMILIES else "reference (diffusers recipe): "
-    print(f"  {label} {ref['ms_per_step']:8.1f} ms/step  peak {ref['peak_gib']:.2f} GiB")
+    print(f"  {label} {ref['ms_per_step']:8.1f} ms/step  {peak_text(ref['peak_gib'])}")
     print(
-        f"  this project:                 {ours['ms_per_step']:8.1f} ms/step  peak {ours['peak_gib']:.2f} GiB  (first "
+        f"  this project:                 {ours['ms_per_step']:8.1f} ms/step  {peak_text(ours['peak_gib'])}  (first "
         f"step {ours['first_step_s']:.1f}s)"
     )
     print(f"  speed-up a/b: {results['speedup']:.2f}x")
@@ -761,7 +770,7 @@ def main(argv=None):
     if "project_eager" in results:
         eager = results["project_eager"]
         print(
-            f"  --cuda_graphs off:            {eager['ms_per_step']:8.1f} ms/step  peak {eager['peak_gib']:.2f} GiB  "
+            f"  --cuda_graphs off:            {eager['ms_per_step']:8.1f} ms/step  {peak_text(eager['peak_gib'])}  "
             f"(first step {eager['first_step_s']:.1f}s)  speed-up {results['speedup_eager']:.2f}x"
         )
         print(
