@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 
 import torch
 
@@ -600,8 +601,10 @@ class RunFiles:
     seed, steps); `checkpoint(step)` a checkpoint-N folder (kilobytes: directions, optimizer state, step, seed,
     flags, history, the run's identity); `stopped(step)` the checkpoint and the line a stopped run ends with;
     `push(...)` the upload with its model card; `done(paths)` the last lines. Made after the optimizer and a resume
-    (which gives `history` and the `run_id` to keep); `flags` are the run's ({name: value}), kept in checkpoints so
-    that a resume can say what changed; `init_ids` (one list per encoder) the initializer as the tokenizers read it."""
+    (which gives `history`); `resumed` is the checkpoint the run continues (None for a fresh run), whose run identity
+    it keeps: only this run's checkpoints are ever pruned. `flags` are the run's ({name: value}), kept in checkpoints
+    so that a resume can say what changed; `init_ids` (one list per encoder) the initializer as the tokenizers read
+    it."""
 
     def __init__(
         self,
@@ -619,7 +622,7 @@ class RunFiles:
         scaler,
         history,
         flags,
-        run_id,
+        resumed,
         init_ids,
         safe_serialization=True,
         checkpoints_total_limit=None,
@@ -627,7 +630,9 @@ class RunFiles:
         self.output_dir, self.embeddings, self.family, self.token = output_dir, embeddings, family, token
         self.base_model, self.initializer_token, self.kappa, self.seed = base_model, initializer_token, kappa, seed
         self.optimizer, self.scaler, self.history, self.flags = optimizer, scaler, history, dict(flags)
-        self.run_id, self.init_ids = run_id, [list(ids) for ids in init_ids]
+        # a checkpoint written before run identities existed has none: the resumed run takes a new one
+        self.run_id = (resumed or {}).get("run_id") or uuid.uuid4().hex[:12]
+        self.init_ids = [list(ids) for ids in init_ids]
         self.ext = ".safetensors" if safe_serialization else ".bin"
         self.total_limit = checkpoints_total_limit
         self.dti = embeddings[0].norm is not None
@@ -638,7 +643,7 @@ class RunFiles:
             "token_scale": token_scale,
             "kappa": repr(kappa) if self.dti else "none",
             "seed": seed,
-            "run_id": run_id,
+            "run_id": self.run_id,
         }
 
     def save(self, step, suffix=""):

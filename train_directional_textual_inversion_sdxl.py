@@ -13,7 +13,6 @@ learned_embeds.safetensors (text_encoder), learned_embeds_2.safetensors (text_en
 
 import argparse
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -149,9 +148,6 @@ def main(args, callback=None):
                 num_processes=accelerator.num_processes,
             )
         args.seed = cli.resolve_seed(args.seed)  # drawn and logged when not given
-        # The run's identity, kept in its checkpoints (a resume keeps it): only this run's checkpoints are pruned.
-        run_id = checkpoint.get("run_id") if checkpoint is not None else None
-        run_id = run_id or uuid.uuid4().hex[:12]
         if args.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -353,7 +349,7 @@ def main(args, callback=None):
             scaler=accelerator.scaler,
             history=history,
             flags={**vars(args), "num_processes": accelerator.num_processes},
-            run_id=run_id,
+            resumed=checkpoint,
             init_ids=[ids for _, ids in resolved],
             safe_serialization=not args.no_safe_serialization,
             checkpoints_total_limit=args.checkpoints_total_limit,

@@ -20,7 +20,6 @@ frame as an image; --validation_frames N (4k + 1) also renders an N-frame clip.
 
 import argparse
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -178,9 +177,6 @@ def main(args, callback=None):
                 num_processes=accelerator.num_processes,
             )
         args.seed = cli.resolve_seed(args.seed)  # drawn and logged when not given
-        # The run's identity, kept in its checkpoints (a resume keeps it): only this run's checkpoints are pruned.
-        run_id = checkpoint.get("run_id") if checkpoint is not None else None
-        run_id = run_id or uuid.uuid4().hex[:12]
         if args.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -365,7 +361,7 @@ def main(args, callback=None):
             scaler=accelerator.scaler,
             history=history,
             flags={**vars(args), "num_processes": accelerator.num_processes},
-            run_id=run_id,
+            resumed=checkpoint,
             init_ids=[init_ids],
             safe_serialization=not args.no_safe_serialization,
             checkpoints_total_limit=args.checkpoints_total_limit,
