@@ -13,12 +13,10 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from PIL import Image
 
-import dti_cli as cli
 import dti_data as data_lib
 import dti_files as files
 import dti_training as training
@@ -33,8 +31,6 @@ __all__ = [
     "QUICK_STEPS",
     "Family",
     "FAMILIES",
-    "load_with_diffusers",
-    "family_of",
     "generation_settings",
     "load_pipeline",
     "render",
@@ -71,43 +67,23 @@ PAPER_SEEDS = [0, 1, 2, 3]
 QUICK_STEPS = 30
 
 
-def load_with_diffusers(pipeline, concept, token, encoders):
-    """The concept's vectors under `token` through diffusers' load_textual_inversion, one call per text encoder
-    (SD: text_encoder; SDXL: both, same token), as users load them. Returns the word to write in prompts."""
-    for encoder, tokenizer in encoders:
-        pipeline.load_textual_inversion(
-            concept.vectors[encoder].float(),
-            token=token,
-            text_encoder=getattr(pipeline, encoder),
-            tokenizer=getattr(pipeline, tokenizer),
-        )
-    return token
-
-
-def load_with_project_loader(pipeline, concept, token, encoders):
-    """SANA and Wan, whose pipelines have no loader: dti_files.load_concept (rows written into the text encoder's
-    table, the tokens joined without spaces). Returns the word to write in prompts."""
-    return files.load_concept(pipeline, concept, token=token)
-
-
 @dataclass(frozen=True)
 class Family:
     """One model family of the evaluation.
 
-    pipeline: the diffusers pipeline class name; encoders: ((text encoder, tokenizer) attribute names) in the order of
-    the embedding's vectors (dti_files.ENCODERS); paper_call: the pipeline's own defaults that the authors' evaluation
+    pipeline: the diffusers pipeline class name; encoders: the text encoders' attribute names in the order of the
+    embedding's vectors (dti_files.ENCODERS); paper_call: the pipeline's own defaults that the authors' evaluation
     generates with (it passes none: steps, guidance, and for video models the size, num_frames=1 and
-    output_type="pil"), written out so that metrics.json records them; load(pipeline, concept, token, encoders) puts an
-    embedding in the pipeline under `token` and returns the word to write in prompts; pipeline_kwargs go to
-    from_pretrained; every_call: arguments of every call, whatever the protocol; first_frame: the pipeline returns
-    videos (`.frames`), of which the first frame is the image; quick_scheduler: the scheduler class of the quick
-    protocol (None: the model's own); half: the half precision its text encoder runs in (Gemma and T5 overflow in
-    fp16)."""
+    output_type="pil"), written out so that metrics.json records them; pipeline_kwargs go to from_pretrained;
+    every_call: arguments of every call, whatever the protocol; first_frame: the pipeline returns videos (`.frames`),
+    of which the first frame is the image; quick_scheduler: the scheduler class of the quick protocol (None: the
+    model's own); half: the half precision its text encoder runs in (Gemma and T5 overflow in fp16). Embeddings load
+    with dti_files.load_concept (SD, SDXL: diffusers' load_textual_inversion; SANA, Wan: rows written into the
+    table)."""
 
     pipeline: str
     encoders: tuple
     paper_call: dict
-    load: Callable = load_with_diffusers
     pipeline_kwargs: dict = field(default_factory=dict)
     every_call: dict = field(default_factory=dict)
     first_frame: bool = False
@@ -118,13 +94,13 @@ class Family:
 FAMILIES = {
     "sd": Family(
         pipeline="StableDiffusionPipeline",
-        encoders=(("text_encoder", "tokenizer"),),
+        encoders=("text_encoder",),
         paper_call={"num_inference_steps": 50, "guidance_scale": 7.5},
         pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},  # a blacked-out image is scored
     ),
     "sdxl": Family(
         pipeline="StableDiffusionXLPipeline",
-        encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+        encoders=("text_encoder", "text_encoder_2"),
         paper_call={"num_inference_steps": 50, "guidance_scale": 5.0},
     ),
     # SANA and Wan: the authors publish no evaluation script for them; the protocol's rule (the pipeline's own
@@ -132,34 +108,22 @@ FAMILIES = {
     # guidance 5.0 and 480 x 832 size (one frame). clean_caption would strip the <token>.
     "sana": Family(
         pipeline="SanaPipeline",
-        encoders=(("text_encoder", "tokenizer"),),
+        encoders=("text_encoder",),
         paper_call={"num_inference_steps": 20, "guidance_scale": 4.5},
-        load=load_with_project_loader,
         every_call={"clean_caption": False},
         quick_scheduler=None,
         half="bf16",
     ),
     "wan": Family(
         pipeline="WanPipeline",
-        encoders=(("text_encoder", "tokenizer"),),
+        encoders=("text_encoder",),
         paper_call={"num_inference_steps": 50, "guidance_scale": 5.0, "height": 480, "width": 832},
-        load=load_with_project_loader,
         every_call={"num_frames": 1, "output_type": "pil"},
         first_frame=True,
         quick_scheduler=None,
         half="bf16",
     ),
 }
-
-
-def family_of(index):
-    """The FAMILIES key of a pipeline's model_index.json: the entry of its pipeline class, else SD or SDXL as the
-    training scripts read it."""
-    name = str(index.get("_class_name", ""))
-    for key, family in FAMILIES.items():
-        if family.pipeline == name:
-            return key
-    return cli.model_family(index)
 
 
 def generation_settings(protocol, family, index, *, device, steps, guidance, resolution, precision, seeds):
@@ -598,7 +562,7 @@ def describe_method(meta):
 
 def check_fits(concept, path, *, model, family, widths):
     """The embedding has vectors for the family's text encoders, of their widths, or one sentence."""
-    names = [encoder for encoder, _ in FAMILIES[family].encoders]
+    names = FAMILIES[family].encoders
     if sorted(concept.vectors) != sorted(names) or concept.family not in (None, family):
         kind = files.FAMILIES[concept.family or "sd"]
         raise DTIError(

@@ -339,7 +339,7 @@ def _encoder_widths(args, family):
             n: AutoConfig.from_pretrained(
                 args.model, subfolder=n, revision=args.revision, cache_dir=args.cache_dir
             ).hidden_size
-            for n, _ in ev.FAMILIES[family].encoders
+            for n in ev.FAMILIES[family].encoders
         }
     except (OSError, ValueError) as e:
         raise DTIError(
@@ -373,21 +373,18 @@ def generate(pending, entries, *, args, family, settings, call, device, prompt_o
         settings=settings,
         device=device,
     )
-    encoders = ev.FAMILIES[family].encoders
     progress = tqdm(total=len(pending), desc="Generating", unit="image")
     for i, e in enumerate(entries):
         mine = [job for job in pending if job[0] is e]
         if not mine:
             continue
         token = f"<dti-eval-{i}>"
-        word = ev.FAMILIES[family].load(pipe, e.concept, token, encoders)  # SANA/Wan: the tokens joined
-        os.makedirs(os.path.dirname(e.settings_path), exist_ok=True)
+        word = files.load_concept(pipe, e.concept, token=token)  # SANA/Wan: the tokens joined
         files.write_text(e.settings_path, json.dumps(e.settings, indent=2))
         for batch in batches(mine, args.batch_size):
             prompts = [prompt_of(job).replace("{}", word) for job in batch]
             generators = [torch.Generator(settings["generator_device"]).manual_seed(job[3]) for job in batch]
             for (*_, path), image in zip(batch, ev.render(pipe, family, prompts, generators, call)):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
                 files.atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             progress.update(len(batch))
     progress.close()
@@ -407,7 +404,7 @@ def main(args):
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise DTIError(f"--output_dir {args.output_dir} is a file; pass a folder (it is made if missing).")
     index = cli.check_model(args.model, None, args.revision, args.cache_dir, flag="--model")
-    family = ev.family_of(index)
+    family = cli.model_family(index)
     paper = args.protocol == "paper"
     if args.runs is None and (args.sweep or args.subjects):
         raise DTIError("--sweep and --subjects go with --runs (training output folders); pass --runs.")
@@ -450,7 +447,7 @@ def main(args):
         seeds=seeds,
     )
     settings = {"model": args.model, "revision": args.revision, "variant": args.variant, **settings}
-    names = [encoder for encoder, _ in ev.FAMILIES[family].encoders]
+    names = ev.FAMILIES[family].encoders
     jobs = []  # (entry, set name, prompt index, seed, path) of every image
     for e in entries:
         e.class_word = subjects[e.subject]["class"]
@@ -547,7 +544,7 @@ def main(args):
 def aggregate(jobs, scores, *, entries, args, settings, deviations, seeds, subjects, prompt_sets, metrics, family):
     """metrics.json's content: the settings, and per embedding, prompt set and prompt the mean and standard error of
     its images' scores (every image's scores too); with --runs, the table over subjects."""
-    names = [encoder for encoder, _ in ev.FAMILIES[family].encoders]
+    names = ev.FAMILIES[family].encoders
 
     def group(paths):
         return {"n": len(paths), "scores": {m: summary([scores[p][m] for p in paths]) for m in metrics}}
@@ -632,7 +629,6 @@ def _grid(out, name, rows, *, row_labels, size):
         size=min(size, images[0][0].width),
     )
     path = os.path.join(out, *name.split("/"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     files.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return name
 
