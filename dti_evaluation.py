@@ -536,14 +536,7 @@ def load_embedding(path):
     if steps:
         second = os.path.join(os.path.dirname(path), f"learned_embeds_2-steps-{steps.group(1)}{steps.group(2)}")
         if os.path.isfile(second) and not concept.sdxl:  # an SDXL snapshot: text_encoder_2's vectors are beside it
-            other = files.read_concept(second)
-            concept = files.ConceptEmbedding(
-                concept.token,
-                {"text_encoder": concept.vectors["text_encoder"], "text_encoder_2": other.vectors["text_encoder"]},
-                {"text_encoder": concept.metadata["text_encoder"], "text_encoder_2": other.metadata["text_encoder"]},
-                path,
-                concept.form,
-            )
+            concept = files.join_encoders(path, concept, path, second)
         return concept, f"{run}@{steps.group(1)}", (run, int(steps.group(1)))
     if os.path.isdir(path):  # a training output: the last point of its run
         steps = concept.metadata.get("text_encoder", {}).get("steps", "")

@@ -43,6 +43,7 @@ __all__ = [
     "write_concept",
     "save_training_embeddings",
     "read_embedding_file",
+    "join_encoders",
     "read_concept",
     "stated_norm",
     "base_vocabulary",
@@ -467,9 +468,9 @@ def _find_file(folder, stem):
     return next((path for path in candidates if os.path.isfile(path)), None)
 
 
-def _join_encoders(folder, concept, first, second):
-    """An SDXL training folder: learned_embeds (text_encoder, read as `concept`) and learned_embeds_2 (text_encoder_2)
-    as one concept."""
+def join_encoders(folder, concept, first, second):
+    """An SDXL training output: learned_embeds[-steps-N] (text_encoder, read as `concept`) and
+    learned_embeds_2[-steps-N] (text_encoder_2) as one concept, `folder` its source."""
     other = _read_file(second)
     if other.sdxl:
         raise DTIError(f"{second} holds both encoders' vectors; a learned_embeds_2 file holds text_encoder_2's only.")
@@ -499,7 +500,7 @@ def read_concept(path):
     if first:
         concept = _read_file(first)
         if second and not concept.sdxl:
-            return _join_encoders(path, concept, first, second)
+            return join_encoders(path, concept, first, second)
         if not concept.sdxl:
             concept.source, concept.form = path, "diffusers-folder"
         return concept
