@@ -244,6 +244,21 @@ def tiny_sd2(tiny_sd, tmp_path_factory):
     return folder
 
 
+def test_the_readme_views_figure_shows_the_scripts_crops():
+    """tools/make_views_figure.py (docs/views_squash_vs_crops.png) draws the crops the SD script trains on: the last
+    tile is the right-most square of the photo resized to a shorter side of `resolution`, computed here with PIL."""
+    from make_views_figure import example_photo, figure
+
+    photo, resolution, tile, pad, label = example_photo(120, 80), 64, 16, 16, 30
+    canvas = figure(photo, resolution=resolution, positions=3, tile=tile)
+    assert canvas.size == (pad + 3 * (tile + 8) + pad, pad + label + 2 * tile + pad + label + tile + pad)
+    resized = photo.resize((96, 64), resample=Image.Resampling.BICUBIC)  # shorter side 80 -> 64
+    expected = resized.crop((96 - 64, 0, 96, 64)).resize((tile, tile))
+    y = pad + label + 2 * tile + pad + label
+    shown = canvas.crop((pad + 2 * (tile + 8), y, pad + 2 * (tile + 8) + tile, y + tile))
+    assert np.array_equal(np.asarray(shown), np.asarray(expected))
+
+
 def test_default_resolution_is_read_from_the_configs_alone(tiny_sd2, tmp_path, monkeypatch):
     import diffusers.configuration_utils
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dti_utils  # noqa: E402
+import dti_data  # noqa: E402
 
 
 def example_photo(width=600, height=400):
@@ -34,9 +34,9 @@ def example_photo(width=600, height=400):
 
 def figure(photo, resolution=512, positions=8, tile=128):
     font = ImageFont.load_default(size=18)
-    squashed = dti_utils.square_view(photo, resolution)
-    resized = dti_utils.resized_shorter_side(photo, resolution)
-    corners = dti_utils.crop_positions(resized, resolution, False, positions)
+    squashed = dti_data.square_view(photo, resolution)
+    resized = dti_data.resized_shorter_side(photo, resolution)
+    corners = dti_data.crop_positions(resized, resolution, center_crop=False, positions=positions)
     crops = [resized.crop((left, top, left + resolution, top + resolution)) for top, left in corners]
     pad, label = 16, 30
     width = pad + len(crops) * (tile + 8) + pad
