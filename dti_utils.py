@@ -7,12 +7,16 @@ trained, by Riemannian SGD on the unit sphere with a von Mises-Fisher prior cent
 This module is the method, readable in one sitting: the sphere's geometry, the optimizer, the placeholder tokens and
 the directional embedding that puts m * v into a text encoder. The modules beside it hold the rest:
 
-- dti_files.py: embedding files in every form (diffusers, AUTOMATIC1111, ComfyUI, kohya), read and written;
-- dti_data.py: the user's images, their views and cached latents, the prompts, the denoising loss;
-- dti_training.py: the training mechanics (session, signals, logging, checkpoints, validation, curves);
+- dti_files.py: embedding files in every form (diffusers, AUTOMATIC1111, ComfyUI, kohya), read, written and loaded
+  into a pipeline (SD, SDXL, SANA, Wan);
+- dti_data.py: the user's images, their views and cached latents, the prompts, the denoising and flow-matching losses;
+- dti_training.py: the training mechanics (session, signals, sync-free logging, checkpoints, the run's files);
+- dti_validation.py: validation images, nearest tokens and the training curves;
 - dti_graphs.py: the UNet's training step captured as CUDA graphs;
 - dti_metrics.py: text and subject fidelity scores;
-- dti_cli.py: the scripts' shared flags, checks before loading, entry point, model card and Hub.
+- dti_cli.py: the scripts' shared flags, checks before loading and entry point;
+- dti_hub.py: the Hub repository, the model card and the upload;
+- dti_evaluation.py and dti_report.py: evaluate_dti.py's protocols, rendering, scoring and reports.
 """
 
 import math
