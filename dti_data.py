@@ -50,6 +50,7 @@ __all__ = [
     "dc_ae_latents",
     "wan_latents",
     "encode_views",
+    "cache_views",
     "TrainingData",
     # the losses
     "step_generator",
@@ -520,6 +521,21 @@ def encode_views(vae, keys, render, device, batch_size=4, encode=kl_latents):
         means.append(mean)
         stds.append(std)
     return torch.cat(means), None if stds[0] is None else torch.cat(stds)
+
+
+def cache_views(vae, resized, *, resolution, center_crop, positions, flip, device, encode=kl_latents):
+    """Every distinct view of the resized images (their square crops of side `resolution`, crop_positions, and with
+    `flip` their mirrors; build_views) VAE-encoded once (encode_views). Returns (keys, view_index, means, stds)."""
+    keys, view_index = build_views(
+        resized, lambda image: crop_positions(image, resolution, center_crop, positions), flip=flip
+    )
+
+    def render(i, corner):
+        top, left = corner
+        return resized[i].crop((left, top, left + resolution, top + resolution))
+
+    means, stds = encode_views(vae, keys, render, device, encode=encode)
+    return keys, view_index, means, stds
 
 
 class TrainingData:

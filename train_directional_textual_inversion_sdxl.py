@@ -247,16 +247,14 @@ def main(args, callback=None):
         res = args.resolution
         with ThreadPoolExecutor(max(args.dataloader_num_workers, 1)) as pool:
             resized = list(pool.map(lambda image: data_lib.resized_shorter_side(image.image, res), images))
-        keys, view_index = data_lib.build_views(
-            resized,
-            lambda image: data_lib.crop_positions(image, res, args.center_crop, args.crop_positions),
-            flip=args.flip_p > 0,
-        )
-        means, stds = data_lib.encode_views(
+        keys, view_index, means, stds = data_lib.cache_views(
             vae,
-            keys,
-            lambda i, corner: resized[i].crop((corner[1], corner[0], corner[1] + res, corner[0] + res)),
-            accelerator.device,
+            resized,
+            resolution=res,
+            center_crop=args.center_crop,
+            positions=args.crop_positions,
+            flip=args.flip_p > 0,
+            device=accelerator.device,
         )
         # time ids = original size (h, w) + crop top-left + target size, per view; a mirrored view's crop starts from
         # the other side
