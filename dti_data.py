@@ -409,10 +409,11 @@ def training_prompts(
         preprocess=preprocess,
         joiner=joiner,
     )
-    ids, rows = tokenize_prompts(tokenizers, prompts, device, max_length), torch.tensor(rows, dtype=torch.long)
+    encoded = [_tokenize(tok, prompts, max_length) for tok in tokenizers]
+    ids, rows = [e.input_ids.to(device) for e in encoded], torch.tensor(rows, dtype=torch.long)
     if not lengths:
         return ids, rows
-    return ids, rows, _tokenize(tokenizers[0], prompts, max_length).attention_mask.sum(1)
+    return ids, rows, encoded[0].attention_mask.sum(1)
 
 
 ZERO_PAD_MAX = 15  # the authors' cap on SANA's zero-norm pad tokens
