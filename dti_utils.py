@@ -358,13 +358,13 @@ class DirectionalEmbedding(nn.Module):
     transformers' Gemma multiplies its rows by `embed_scale` (sqrt(hidden)) inside the module, and the learned rows
     get the same factor, so `norm` and the saved vectors are raw-table values."""
 
-    def __init__(self, base, token_ids, init_ids, norm=None, tokens=None, name="text_encoder", vocab_size=None):
+    def __init__(self, base, token_ids, init_ids, *, tokens, vocab_size, norm=None, name="text_encoder"):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.name = name
         self.token_ids = [int(i) for i in token_ids]
-        self.tokens = list(tokens) if tokens is not None else [str(i) for i in self.token_ids]
-        self.vocab_size = vocab_size or min(self.token_ids)  # the rows of the original vocabulary
+        self.tokens = list(tokens)
+        self.vocab_size = vocab_size  # the rows of the original vocabulary (nearest_tokens searches these)
         self.norm = float(norm) if norm is not None else None
         weight = base.weight
         init_vectors = weight.detach()[list(init_ids)].float().clone()
@@ -423,7 +423,9 @@ class DirectionalEmbedding(nn.Module):
         return [[token for token, _, _ in row] for row in near]
 
 
-def add_directional_embedding(tokenizer, text_encoder, tokens, init_ids, token_scale="mean", classic=False, name=None):
+def add_directional_embedding(
+    tokenizer, text_encoder, tokens, init_ids, token_scale="mean", classic=False, name="text_encoder"
+):
     """Add the placeholder tokens to one tokenizer/encoder pair and install their DirectionalEmbedding, with this
     encoder's own norm m (a statistic of the rows its tokenizer can reach) and prior (its own initializer rows).
 
@@ -443,7 +445,7 @@ def add_directional_embedding(tokenizer, text_encoder, tokens, init_ids, token_s
         init_ids,
         norm=norm,
         tokens=tokens,
-        name=name or "text_encoder",
+        name=name,
         vocab_size=reachable,
     )
     text_encoder.set_input_embeddings(embedding)
