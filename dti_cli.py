@@ -585,7 +585,7 @@ def _add_optimizer_args(parser):
     opt = parser.add_argument_group("Optimizer")
     opt.add_argument(
         "--learning_rate",
-        type=_bounded(finite_float, 0.0),
+        type=non_negative,
         default=None,
         help="Base learning rate, before --scale_lr. rsgd: radians per step (default "
         f"{DEFAULT_LEARNING_RATES['rsgd']:g}). adamw: default {DEFAULT_LEARNING_RATES['adamw']:g}, the authors' TI "
@@ -606,7 +606,7 @@ def _add_optimizer_args(parser):
     opt.add_argument("--adam_beta1", type=unit_interval_open, default=0.9, help="adamw only.")
     opt.add_argument("--adam_beta2", type=unit_interval_open, default=0.999, help="adamw only.")
     opt.add_argument("--adam_weight_decay", type=non_negative, default=1e-2, help="adamw only.")
-    opt.add_argument("--adam_epsilon", type=_bounded(finite_float, 0.0), default=1e-08, help="adamw only.")
+    opt.add_argument("--adam_epsilon", type=non_negative, default=1e-08, help="adamw only.")
 
 
 def _add_saving_args(parser):
@@ -724,21 +724,21 @@ def add_training_args(
     return parser
 
 
-def _available(module):
-    def check():
-        import importlib.util
+def _trackers():
+    """accelerate's trackers and its own check that each one's package is installed."""
+    from accelerate.utils import (
+        is_comet_ml_available,
+        is_mlflow_available,
+        is_tensorboard_available,
+        is_wandb_available,
+    )
 
-        return importlib.util.find_spec(module) is not None
-
-    return check
-
-
-TRACKERS = {  # accelerate's trackers and the package each needs
-    "tensorboard": _available("tensorboard"),
-    "wandb": _available("wandb"),
-    "comet_ml": _available("comet_ml"),
-    "mlflow": _available("mlflow"),
-}
+    return {
+        "tensorboard": is_tensorboard_available,
+        "wandb": is_wandb_available,
+        "comet_ml": is_comet_ml_available,
+        "mlflow": is_mlflow_available,
+    }
 
 
 def check_memory_for_resolution(resolution):
@@ -792,7 +792,7 @@ def check_args(args, unet=True):
             "--caption_column goes with --dataset_name; in a --train_data_dir folder the caption of NAME.jpg is "
             "NAME.txt beside it."
         )
-    for tracker, available in TRACKERS.items():
+    for tracker, available in _trackers().items():
         if args.report_to in (tracker, "all") and not available():
             raise DTIError(
                 f"--report_to {tracker} needs the {tracker} package: pip install {tracker.replace('_', '-')}, or use "
