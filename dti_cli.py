@@ -18,6 +18,7 @@ import traceback
 
 import numpy as np
 
+from dti_files import family_of
 from dti_hub import check_hub_files
 from dti_metrics import encoder_ids
 from dti_utils import DTIError, logger, resolve_token_scale
@@ -120,11 +121,7 @@ FAMILY_NAMES = {
 def model_family(index):
     """ "sd", "sdxl", "sana" or "wan" from a pipeline's model_index.json (its class name and components)."""
     name = str(index.get("_class_name", ""))
-    if name.startswith("Sana"):
-        return "sana"
-    if name.startswith("Wan"):
-        return "wan"
-    return "sdxl" if "text_encoder_2" in index or "XL" in name else "sd"
+    return family_of(name, "text_encoder_2" in index or "XL" in name)
 
 
 def check_model(model, family=None, revision=None, cache_dir=None, flag="--pretrained_model_name_or_path"):

@@ -48,6 +48,7 @@ __all__ = [
     "stated_norm",
     "base_vocabulary",
     "FAMILIES",
+    "family_of",
     "pipeline_family",
     "prompt_word",
     "load_textual_inversion",
@@ -593,14 +594,18 @@ def base_vocabulary(model, name):
 # ----------------------------------------------------------------------------------------------------
 
 
+def family_of(class_name, two_text_encoders):
+    """ "sd", "sdxl", "sana" or "wan" from a pipeline's class name and whether it has a second text encoder."""
+    if class_name.startswith("Sana"):
+        return "sana"
+    if class_name.startswith("Wan"):
+        return "wan"
+    return "sdxl" if two_text_encoders else "sd"
+
+
 def pipeline_family(pipeline):
     """ "sd", "sdxl", "sana" or "wan" of a diffusers pipeline object."""
-    name = type(pipeline).__name__
-    if name.startswith("Sana"):
-        return "sana"
-    if name.startswith("Wan"):
-        return "wan"
-    return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+    return family_of(type(pipeline).__name__, getattr(pipeline, "text_encoder_2", None) is not None)
 
 
 def prompt_word(tokens, family):
