@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from dti_utils import DTIError, DTIWarning, __version__, placeholder_token_list
+from dti_utils import DTIError, DTIWarning, __version__, add_placeholder_tokens, placeholder_token_list
 
 
 __all__ = [
@@ -620,13 +620,11 @@ def _write_rows(tokenizer, text_encoder, tokens, vectors, path):
     past its end (Gemma's), with resize_token_embeddings(mean_resizing=False); UMT5's table is larger than its
     tokenizer and keeps its shape, its tied `shared` and `encoder.embed_tokens` both see the rows. The embedding
     module stays the encoder's own, so Gemma's sqrt(hidden) scale applies to these rows as to every other."""
-    known = [t for t in tokens if t in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    known = [t for t in tokens if t in vocab]
     if known:
         raise DTIError(f"The pipeline's tokenizer already has {known[0]!r}; {path} may be loaded already.")
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    if max(ids) >= text_encoder.get_input_embeddings().weight.shape[0]:
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = add_placeholder_tokens(tokenizer, text_encoder, tokens)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[ids] = vectors.to(weight.device, weight.dtype)

@@ -52,6 +52,7 @@ __all__ = [
     "resolve_tokens",
     "nearest_vocabulary_tokens",
     "DirectionalEmbedding",
+    "add_placeholder_tokens",
     "add_directional_embedding",
 ]
 
@@ -423,22 +424,30 @@ class DirectionalEmbedding(nn.Module):
         return [[token for token, _, _ in row] for row in near]
 
 
+def add_placeholder_tokens(tokenizer, text_encoder, tokens):
+    """Add new tokens to the tokenizer and return their ids. The encoder's table grows (without mean resizing) only
+    when a new id falls past its end: a UMT5 table is larger than its tokenizer, and the new tokens take unused rows,
+    so the table keeps its shape."""
+    tokenizer.add_tokens(tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)
+    if max(token_ids) >= text_encoder.get_input_embeddings().weight.shape[0]:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return token_ids
+
+
 def add_directional_embedding(
     tokenizer, text_encoder, tokens, init_ids, token_scale="mean", classic=False, name="text_encoder"
 ):
     """Add the placeholder tokens to one tokenizer/encoder pair and install their DirectionalEmbedding, with this
     encoder's own norm m (a statistic of the rows its tokenizer can reach) and prior (its own initializer rows).
-
-    The table grows only when a new id falls past its end: a UMT5 table is larger than its tokenizer, and the new
-    tokens take unused rows, so the table keeps its shape. Returns the installed module."""
+    The tokens are added with add_placeholder_tokens. Returns the installed module."""
     reachable = min(len(tokenizer), text_encoder.get_input_embeddings().weight.shape[0])
     weight = text_encoder.get_input_embeddings().weight
     norm = None if classic else resolve_token_scale(token_scale, vocabulary_norm_stats(weight[:reachable]))
-    if tokenizer.add_tokens(tokens) != len(tokens):
+    vocab = tokenizer.get_vocab()
+    if any(token in vocab for token in tokens):
         raise DTIError(f"The tokenizer already knows one of {tokens}; choose a new --placeholder_token.")
-    token_ids = tokenizer.convert_tokens_to_ids(tokens)
-    if max(token_ids) >= weight.shape[0]:
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_ids = add_placeholder_tokens(tokenizer, text_encoder, tokens)
     embedding = DirectionalEmbedding(
         text_encoder.get_input_embeddings(),
         token_ids,
