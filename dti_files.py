@@ -37,7 +37,6 @@ __all__ = [
     "embedding_slug",
     "check_targets",
     "diffusers_paths",
-    "concept_paths",
     "write_single_file",
     "write_diffusers",
     "write_concept",
@@ -242,17 +241,6 @@ def diffusers_paths(concept, output, single_file=False, suffix="", ext=".safeten
     return paths
 
 
-def concept_paths(concept, output, to="diffusers", single_file=False):
-    """The files write_concept writes: diffusers form, or one single file (a folder gets NAME.safetensors)."""
-    if to not in CONVERT_TARGETS:
-        raise DTIError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}.")
-    if to == "diffusers":
-        return diffusers_paths(concept, output, single_file=single_file)
-    if output.lower().endswith(EMBEDDING_EXTENSIONS):
-        return [output]
-    return [os.path.join(output, embedding_slug(concept.token, file_stem=True) + ".safetensors")]
-
-
 def write_single_file(concept, path, overwrite=True, inputs=()):
     """The AUTOMATIC1111/ComfyUI/kohya single file: SDXL {"clip_l", "clip_g"}; SD {token: tensor} (.safetensors, the
     key diffusers takes as the token; the others take any single key) or {"string_to_param": {"*": ...}, "name",
@@ -297,11 +285,15 @@ def write_diffusers(concept, output, single_file=False, suffix="", ext=".safeten
 
 
 def write_concept(concept, output, to="diffusers", single_file=False, overwrite=True, inputs=()):
-    """Write a concept in the form `to` (diffusers, a1111, comfyui); returns the paths written."""
-    paths = concept_paths(concept, output, to=to, single_file=single_file)
+    """Write a concept in the form `to` (diffusers, a1111, comfyui); returns the paths written. a1111 and comfyui
+    write one single file: OUTPUT itself when it names a file, else OUTPUT/NAME.safetensors."""
+    if to not in CONVERT_TARGETS:
+        raise DTIError(f"--to must be one of {', '.join(CONVERT_TARGETS)}, not {to!r}.")
     if to == "diffusers":
         return write_diffusers(concept, output, single_file=single_file, overwrite=overwrite, inputs=inputs)
-    return [write_single_file(concept, paths[0], overwrite=overwrite, inputs=inputs)]
+    if not output.lower().endswith(EMBEDDING_EXTENSIONS):
+        output = os.path.join(output, embedding_slug(concept.token, file_stem=True) + ".safetensors")
+    return [write_single_file(concept, output, overwrite=overwrite, inputs=inputs)]
 
 
 def save_training_embeddings(output_dir, embeddings, *, token, run_info, step, suffix="", ext=".safetensors"):
