@@ -26,6 +26,7 @@ __all__ = [
     "ENCODERS",
     "SINGLE_FILE_KEYS",
     "FILE_STEMS",
+    "TOKENIZERS",
     "EMBEDDING_EXTENSIONS",
     "CONVERT_TARGETS",
     "ConceptEmbedding",
@@ -63,6 +64,7 @@ FAMILIES = {  # model family: what the files and messages call it
 ENCODERS = ("text_encoder", "text_encoder_2")  # diffusers' attribute names
 SINGLE_FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # the SDXL single file
 FILE_STEMS = {"text_encoder": "learned_embeds", "text_encoder_2": "learned_embeds_2"}  # diffusers' training outputs
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # each encoder's tokenizer, as attributes
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
 CONVERT_TARGETS = ("diffusers", "a1111", "comfyui")
 
@@ -563,7 +565,7 @@ def _input_embedding_weight(model, name):
 def _load_tokenizer(model, name):
     from transformers import AutoTokenizer
 
-    sub = "tokenizer" if name == "text_encoder" else "tokenizer_2"
+    sub = TOKENIZERS[name]
     try:
         return AutoTokenizer.from_pretrained(model, subfolder=sub)
     except (OSError, ValueError) as e:
@@ -653,7 +655,7 @@ def load_concept(pipeline, concept, token=None, source=None):
             )
     if family in ("sd", "sdxl"):
         for name, vectors in concept.vectors.items():
-            tokenizer = getattr(pipeline, name.replace("text_encoder", "tokenizer"))
+            tokenizer = getattr(pipeline, TOKENIZERS[name])
             pipeline.load_textual_inversion(
                 vectors, token=token, text_encoder=getattr(pipeline, name), tokenizer=tokenizer
             )

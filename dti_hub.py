@@ -12,7 +12,7 @@ import re
 import socket
 import urllib.parse
 
-from dti_files import atomic_write, embedding_slug
+from dti_files import FILE_STEMS, SINGLE_FILE_KEYS, TOKENIZERS, atomic_write, embedding_slug
 from dti_utils import DTIError, logger
 
 
@@ -122,12 +122,6 @@ def base_model_license(base_model, token=None):
     return {"license": KNOWN_LICENSES[base_model]} if base_model in KNOWN_LICENSES else {}
 
 
-ENCODER_PAIRS = (  # (file stem, single-file key, pipeline encoder, pipeline tokenizer)
-    ("learned_embeds", "clip_l", "text_encoder", "tokenizer"),
-    ("learned_embeds_2", "clip_g", "text_encoder_2", "tokenizer_2"),
-)
-
-
 def loading_snippet(
     repo_id, base_model, placeholder_token, sdxl=False, prompt=None, ext=".safetensors", single_file=None
 ):
@@ -144,14 +138,14 @@ def loading_snippet(
         load = [f"state = torch.load({path}, weights_only=True)" if ext == ".bin" else f"state = load_file({path})"]
         load += [
             f'pipe.load_textual_inversion(state["{key}"], token={token}, '
-            f"text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
-            for _, key, enc, tok in ENCODER_PAIRS
+            f"text_encoder=pipe.{enc}, tokenizer=pipe.{TOKENIZERS[enc]})"
+            for enc, key in SINGLE_FILE_KEYS.items()
         ]
     elif sdxl:
         load = [
             f'pipe.load_textual_inversion({q(repo_id)}, weight_name="{stem}{ext}", token={token}, '
-            f"text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
-            for stem, _, enc, tok in ENCODER_PAIRS
+            f"text_encoder=pipe.{enc}, tokenizer=pipe.{TOKENIZERS[enc]})"
+            for enc, stem in FILE_STEMS.items()
         ]
     else:
         load = [f"pipe.load_textual_inversion({q(repo_id)})"]
@@ -206,11 +200,10 @@ def _card_sections(
     validation_prompt,
     kappa,
     ext,
-    sdxl,
     license,
     family,
 ):
-    dti = embeddings[0].norm is not None
+    dti, sdxl = embeddings[0].norm is not None, family == "sdxl"
     stem = embedding_slug(token, file_stem=True)
     local = os.path.exists(base_model)  # a folder on the training machine: named, never its absolute path
     shown = os.path.basename(os.path.normpath(base_model)) if local else base_model
@@ -314,21 +307,18 @@ def write_model_card(
     validation_prompt=None,
     kappa=None,
     ext=".safetensors",
-    sdxl=False,
     license=None,
     hub_token=None,
     details=None,
-    family=None,
+    family="sd",
 ):
     """README.md in diffusers' conventions (load_or_create_model_card + populate_model_card): an existing card of
     repo_id is kept, with the tags added; a new one gets the base model's license, base_model (a Hub id only), the
     validation images, snippets for diffusers and for AUTOMATIC1111/ComfyUI/kohya, and in place of the template's
-    TODOs the limitations and the training details (`details`: {setting: value}). family: "sd", "sdxl" (also from
-    sdxl=True), "sana" or "wan"."""
+    TODOs the limitations and the training details (`details`: {setting: value}). family: "sd", "sdxl", "sana" or
+    "wan"."""
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
-    family = family or ("sdxl" if sdxl else "sd")
-    sdxl = family == "sdxl"
     license = license or {}
     hub_base = (
         None if os.path.exists(base_model) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) else base_model
@@ -345,7 +335,6 @@ def write_model_card(
         validation_prompt=validation_prompt,
         kappa=kappa,
         ext=ext,
-        sdxl=sdxl,
         license=license,
         family=family,
     )
