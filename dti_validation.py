@@ -113,7 +113,7 @@ def log_validation(
     weight_dtype,
     output_dir,
     step,
-    stop=None,
+    stop,
     call_kwargs=None,
 ):
     """Render `num_images` images of `prompt` with the models in memory (the same seed every time), save them under
@@ -132,7 +132,7 @@ def log_validation(
     logger.info(f"Validation at step {step}: {num_images} image(s) of {prompt!r}")
 
     def interrupt(pipe, i, t, callback_kwargs):
-        if stop is not None and stop.requested:
+        if stop.requested:
             pipe._interrupt = True  # diffusers' documented way to end a pipeline call early
         return callback_kwargs
 
@@ -147,7 +147,7 @@ def log_validation(
                 callback_on_step_end=interrupt,
                 **(call_kwargs or {}),
             )
-        if stop is not None and stop.requested:
+        if stop.requested:
             return []
         decoded = decode_latents(pipeline, output.frames if hasattr(output, "frames") else output.images)[0]
         if isinstance(decoded, list):  # a video pipeline's frames
