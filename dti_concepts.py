@@ -23,7 +23,7 @@ import warnings
 import torch
 from PIL import Image
 
-from dti_cli import check_model
+from dti_cli import check_model, model_family
 from dti_files import (
     CONVERT_TARGETS,
     EMBEDDING_EXTENSIONS,
@@ -247,10 +247,7 @@ def slerp_embeddings(
         if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
             raise DTIError(f"--alpha {alpha:g} is outside [0, 1]; 0 gives the first embedding, 1 the second.")
     if render is not None:
-        if "{}" not in prompt:
-            raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
-        if steps < 1:
-            raise DTIError(f"--steps must be at least 1, not {steps}.")
+        _check_render_args(prompt, steps)
         check_model(render, flag="--render")
     a, b = read_concept(a_path), read_concept(b_path)
     if token is None:
@@ -320,13 +317,20 @@ def interpolation_strip(images, labels):
     return strip
 
 
+def _check_render_args(prompt, steps):
+    if "{}" not in prompt:
+        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
+    if steps < 1:
+        raise DTIError(f"--steps must be at least 1, not {steps}.")
+
+
 def _load_render_pipeline(model):
     from diffusers import DiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         # SANA's Gemma-2 and Wan's UMT5 overflow in fp16: bf16 for them
-        bf16 = str(DiffusionPipeline.load_config(model).get("_class_name", "")).startswith(("Sana", "Wan"))
+        bf16 = model_family(DiffusionPipeline.load_config(model)) in ("sana", "wan")
         dtype = torch.float32 if device == "cpu" else torch.bfloat16 if bf16 else torch.float16
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
@@ -368,10 +372,7 @@ def render_interpolation(
 ):
     """Load the pipeline once, load each blended embedding (folder or file) under its own token, render the prompt with
     the same seed for each, and write a labelled strip (alpha under each image). Returns output_path."""
-    if "{}" not in prompt:
-        raise DTIError(f"--prompt {prompt!r} has no {{}} where the token goes; use e.g. 'a photo of {{}}'.")
-    if steps < 1:
-        raise DTIError(f"--steps must be at least 1, not {steps}.")
+    _check_render_args(prompt, steps)
     pipe = _load_render_pipeline(model)
     base = embedding_slug(token)
     images = []
