@@ -313,7 +313,7 @@ class LossWindow:
         and angle per encoder), the progress bar, the trackers."""
         logs = self.read(step, accelerator, embeddings, output_dir)
         logs["lr"] = lr
-        suffixes = [""] + [f"_{i + 1}" for i in range(1, len(embeddings))]
+        suffixes = _log_suffixes(len(embeddings))
         history.append((step, logs["loss"], *(logs[f"{k}{s}"] for s in suffixes for k in ("norm", "angle_deg"))))
         progress.set_postfix(
             loss=f"{logs['loss']:.4f}",
@@ -340,10 +340,14 @@ class LossWindow:
                 f"embedding is saved in {output_dir}. Try --mixed_precision bf16 or no, or a lower --learning_rate."
             )
         logs = {"loss": values[0] / (size - bad) if bad < size else float("nan")}
-        for i in range(len(embeddings)):
-            suffix = "" if i == 0 else f"_{i + 1}"
+        for i, suffix in enumerate(_log_suffixes(len(embeddings))):
             logs[f"norm{suffix}"], logs[f"angle_deg{suffix}"] = values[2 + 2 * i], math.degrees(values[3 + 2 * i])
         return logs
+
+
+def _log_suffixes(num_encoders):
+    """The log keys' suffix of each encoder's figures: "" for the first, "_2" for the second (norm, norm_2)."""
+    return [""] + [f"_{i + 1}" for i in range(1, num_encoders)]
 
 
 def guard_nonfinite_step(optimizer, loss, params):
